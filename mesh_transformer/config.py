@@ -1,0 +1,215 @@
+"""Training configuration: the JSON keys of the original Mesh-Transformer-JAX plus a few new ones.
+
+`load_config` reads a JSON file, rejects unknown keys and impossible values with one clear message, and
+returns a frozen `Config`. The original `configs/6B_roto_256.json` loads unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration the user wrote cannot be used; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- model shape (original keys) ---
+    layers: int
+    d_model: int
+    n_heads: int
+    n_vocab: int
+    seq: int
+    norm: str = "layernorm"  # only "layernorm" exists in GPT-J
+    pe: str = "rotary"  # only "rotary" exists in GPT-J
+    pe_rotary_dims: int = 64  # rotary dims per head; the rest of the head gets no position signal
+
+    # --- parallelism and batch (original keys) ---
+    cores_per_replica: int = 1  # model-parallel degree (the mesh's `mp` axis)
+    tpu_size: int = 1  # total devices; tpu_size / cores_per_replica is the data-parallel degree `dp`
+    per_replica_batch: int = 1  # sequences per data-parallel replica per micro-batch
+    gradient_accumulation_steps: int = 1
+
+    # --- optimizer and schedule (original keys) ---
+    warmup_steps: int = 0
+    anneal_steps: int = 1
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    weight_decay: float = 0.0
+    total_steps: int = 1
+
+    # --- data, evaluation, checkpoints, bookkeeping (original keys) ---
+    bucket: str = ""
+    model_dir: str = ""
+    train_set: str = ""
+    val_set: dict[str, str] = field(default_factory=dict)
+    eval_harness_tasks: list[str] = field(default_factory=list)
+    val_batches: int = 0
+    val_every: int = 500
+    ckpt_every: int = 500
+    keep_every: int = 10000
+    name: str = "gptj"
+    wandb_project: str = ""
+    comment: str = ""
+
+    # --- new keys ---
+    seed: int = 0
+    compute_dtype: str = "bfloat16"  # dtype of matmul inputs; params, softmax and accumulation stay float32
+    remat: str = "layer"  # activation checkpointing: "none" or "layer" (recompute each layer in backward)
+    z_loss: float = 1e-4  # coefficient of log(Z)^2 added to the loss, as the original trained with
+    keep_n: int = 3  # checkpoints kept besides every `keep_every`-th step
+    tokenizer: str = ""  # tokenizer.json used with raw text data; "" = GPT-2 BPE padded to n_vocab
+    shard_optimizer_over_dp: bool = False  # ZeRO-1: optimizer state also split over the `dp` axis
+    shard_params_over_dp: bool = False  # ZeRO-3: params also split over `dp`, gathered per layer
+
+    # ----- derived values -----
+    @property
+    def mp(self) -> int:
+        return self.cores_per_replica
+
+    @property
+    def dp(self) -> int:
+        return self.tpu_size // self.cores_per_replica
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_ff(self) -> int:
+        return 4 * self.d_model
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences in one micro-batch over all replicas."""
+        return self.per_replica_batch * self.dp
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.gradient_accumulation_steps * self.seq
+
+    def replace(self, **changes: Any) -> Config:
+        return validate(dataclasses.replace(self, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_REQUIRED = [name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING and
+             f.default_factory is dataclasses.MISSING]
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "layer")
+
+
+def _check_type(key: str, value: Any) -> Any:
+    """Values as JSON gives them, checked against the field's declared type (ints accepted as floats)."""
+    expected = _FIELDS[key].type
+    if expected == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    elif expected == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        value = float(value)
+    elif expected == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    elif expected == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif expected.startswith("dict"):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(
+                f"config key '{key}' must be a dict of name -> dataset path, got {value!r}")
+    elif expected.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"config key '{key}' must be a list of strings, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ConfigError(f"missing required config key(s): {', '.join(missing)}")
+    values = {k: _check_type(k, v) for k, v in raw.items()}
+    return validate(Config(**values))
+
+
+def validate(c: Config) -> Config:
+    positive = ["layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "tpu_size",
+                "per_replica_batch", "gradient_accumulation_steps", "total_steps", "anneal_steps",
+                "val_every", "ckpt_every", "keep_every", "keep_n"]
+    for key in positive:
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"config key '{key}' must be a positive integer, got {getattr(c, key)}")
+    for key in ("warmup_steps", "val_batches"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(c, key)}")
+    for key in ("lr", "end_lr", "weight_decay", "z_loss"):
+        if getattr(c, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(c, key)}")
+    if c.norm != "layernorm":
+        raise ConfigError(f"config key 'norm' must be \"layernorm\" (GPT-J), got {c.norm!r}")
+    if c.pe != "rotary":
+        raise ConfigError(f"config key 'pe' must be \"rotary\" (GPT-J), got {c.pe!r}")
+    if c.d_model % c.n_heads:
+        raise ConfigError(f"d_model ({c.d_model}) must be divisible by n_heads ({c.n_heads})")
+    if c.n_heads % c.cores_per_replica:
+        raise ConfigError(
+            f"n_heads ({c.n_heads}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+    if c.n_vocab % c.cores_per_replica:
+        raise ConfigError(
+            f"n_vocab ({c.n_vocab}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+    if c.pe_rotary_dims <= 0 or c.pe_rotary_dims % 2:
+        raise ConfigError(f"pe_rotary_dims must be a positive even number, got {c.pe_rotary_dims}")
+    if c.pe_rotary_dims > c.head_dim:
+        raise ConfigError(
+            f"pe_rotary_dims ({c.pe_rotary_dims}) must not exceed the head dimension "
+            f"d_model / n_heads = {c.head_dim}")
+    if c.tpu_size % c.cores_per_replica:
+        raise ConfigError(
+            f"tpu_size ({c.tpu_size}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+    if c.compute_dtype not in _DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(_DTYPES)}, got {c.compute_dtype!r}")
+    if c.remat not in _REMAT:
+        raise ConfigError(f"remat must be one of {', '.join(_REMAT)}, got {c.remat!r}")
+    if c.shard_params_over_dp and not c.shard_optimizer_over_dp:
+        raise ConfigError("shard_params_over_dp requires shard_optimizer_over_dp")
+    return c
+
+
+def load_config(path: str, **overrides: Any) -> Config:
+    """Read a JSON config; `overrides` (command-line values such as tpu_size) replace its keys."""
+    from smart_open import open as smart_open_file
+
+    try:
+        with smart_open_file(path, "r") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    if isinstance(raw, dict):
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(raw)
+
+
+def check_device_count(c: Config, device_count: int) -> None:
+    if device_count != c.tpu_size:
+        raise ConfigError(
+            f"the config's tpu_size is {c.tpu_size} but {device_count} devices are available "
+            f"(pass --tpu-size {device_count} to override)")
