@@ -1,0 +1,18 @@
+"""Test session set-up: 8 fake CPU devices, so multi-device meshes run on a CPU-only machine."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+# Keep Ray, wandb and Hugging Face offline and local in every test.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices; was JAX initialised before conftest?"
