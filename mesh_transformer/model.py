@@ -1,0 +1,168 @@
+"""GPT-J in Haiku, bit-compatible with Hugging Face `GPTJForCausalLM`.
+
+Each block is `x + Attn(LN(x)) + MLP(LN(x))` with interleaved partial rotary embeddings, an untied LM head
+with bias, and float32 softmax/LayerNorm. Layers are stacked (`hk.layer_stack`) so that a 28-layer model
+compiles once per layer, not 28 times. Model code names logical axes only; `sharding` maps them to the mesh.
+
+Shape suffixes: B batch, T sequence, D d_model, H heads, K head dim, F d_ff, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesh_transformer.config import Config
+from mesh_transformer.sharding import constrain
+
+
+class ModelShape(NamedTuple):
+    """The hyper-parameters the forward pass needs (a subset of `Config`, hashable for jit)."""
+
+    layers: int
+    d_model: int
+    n_heads: int
+    n_vocab: int
+    rotary_dims: int
+    compute_dtype: str
+    remat: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, c: Config) -> ModelShape:
+        return cls(c.layers, c.d_model, c.n_heads, c.n_vocab, c.pe_rotary_dims, c.compute_dtype, c.remat)
+
+
+# ----- rotary position embedding (GPT-J "interleaved" style) -----
+
+
+def rotary_sin_cos(positions_T: jax.Array, rotary_dims: int) -> tuple[jax.Array, jax.Array]:
+    """sin/cos tables (T, rotary_dims), each frequency repeated for an adjacent pair of dims."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dims, 2, dtype=np.float32) / rotary_dims))
+    angles_TR = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, rot/2)
+    sin, cos = jnp.sin(angles_TR), jnp.cos(angles_TR)
+    return jnp.repeat(sin, 2, axis=-1), jnp.repeat(cos, 2, axis=-1)
+
+
+def rotate_every_two(x: jax.Array) -> jax.Array:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    x_even, x_odd = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([-x_odd, x_even], axis=-1).reshape(x.shape)
+
+
+def apply_rotary(x_BTHK: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array) -> jax.Array:
+    rot = sin_TR.shape[-1]
+    x_rot, x_pass = x_BTHK[..., :rot], x_BTHK[..., rot:]
+    sin, cos = sin_TR[:, None, :], cos_TR[:, None, :]  # broadcast over heads
+    x_rot = x_rot * cos + rotate_every_two(x_rot) * sin
+    return jnp.concatenate([x_rot, x_pass], axis=-1)
+
+
+# ----- building blocks -----
+
+
+class Dense(hk.Module):
+    """x @ w (+ b): inputs cast to the compute dtype, products accumulated in float32."""
+
+    def __init__(self, d_out: int, *, stddev: float, bias: bool, dtype: str, name: str):
+        super().__init__(name=name)
+        self.d_out, self.stddev, self.bias, self.dtype = d_out, stddev, bias, jnp.dtype(dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = hk.get_parameter("w", (x.shape[-1], self.d_out), jnp.float32,
+                             init=hk.initializers.TruncatedNormal(self.stddev))
+        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), w.astype(self.dtype),
+                       preferred_element_type=jnp.float32)
+        if self.bias:
+            y = y + hk.get_parameter("b", (self.d_out,), jnp.float32, init=jnp.zeros)
+        return y
+
+
+def layer_norm(name: str):
+    return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=1e-5, name=name)
+
+
+class Block(hk.Module):
+    """One GPT-J layer: a shared LayerNorm feeding attention and MLP in parallel."""
+
+    def __init__(self, shape: ModelShape, name: str = "block"):
+        super().__init__(name=name)
+        self.s = shape
+
+    def __call__(self, x_BTD: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array) -> jax.Array:
+        s = self.s
+        fan_in = 1.0 / math.sqrt(s.d_model)
+        out_std = (2.0 / s.layers) / math.sqrt(s.d_model)
+        h_BTD = layer_norm("ln_1")(x_BTD)
+
+        # Attention. The linear creation order q, v, k matches the original checkpoints.
+        B, T, _ = h_BTD.shape
+        split = lambda y: constrain(y.reshape(B, T, s.n_heads, s.head_dim), ("batch", "seq", "heads", None))
+        q_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="q_proj")(h_BTD))
+        v_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="v_proj")(h_BTD))
+        k_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="k_proj")(h_BTD))
+        q_BTHK = apply_rotary(q_BTHK, sin_TR, cos_TR)
+        k_BTHK = apply_rotary(k_BTHK, sin_TR, cos_TR)
+
+        cd = jnp.dtype(s.compute_dtype)
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK.astype(cd), k_BTHK.astype(cd),
+                                 preferred_element_type=jnp.float32) / math.sqrt(s.head_dim)
+        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+        scores_BHTS = jnp.where(causal_TS, scores_BHTS, jnp.finfo(jnp.float32).min)
+        probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+        attn_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS.astype(cd), v_BTHK.astype(cd),
+                               preferred_element_type=jnp.float32)
+        attn_BTD = attn_BTHK.reshape(B, T, s.d_model)
+        attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(attn_BTD)
+
+        # MLP
+        ff_BTF = Dense(4 * s.d_model, stddev=fan_in, bias=True, dtype=s.compute_dtype, name="fc_in")(h_BTD)
+        ff_BTF = constrain(jax.nn.gelu(ff_BTF, approximate=True), ("batch", "seq", "mlp"))
+        ff_BTD = Dense(s.d_model, stddev=out_std, bias=True, dtype=s.compute_dtype, name="fc_out")(ff_BTF)
+
+        return constrain(x_BTD + attn_BTD + ff_BTD, ("batch", "seq", "embed"))
+
+
+class GPTJ(hk.Module):
+    """Token ids (B, T) -> float32 logits (B, T, V)."""
+
+    def __init__(self, shape: ModelShape, name: str = "gptj"):
+        super().__init__(name=name)
+        self.s = shape
+
+    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+        s = self.s
+        wte_VD = hk.get_parameter("embeddings", (s.n_vocab, s.d_model), jnp.float32,
+                                  init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(s.n_vocab)))
+        wte_VD = constrain(wte_VD, ("vocab", "embed"))
+        x_BTD = constrain(jnp.take(wte_VD, tokens_BT, axis=0), ("batch", "seq", "embed"))
+        sin_TR, cos_TR = rotary_sin_cos(jnp.arange(tokens_BT.shape[1]), s.rotary_dims)
+
+        def layer(x):
+            return Block(s, name="block")(x, sin_TR, cos_TR)
+
+        if s.remat == "layer":
+            layer = hk.remat(layer)
+        x_BTD = hk.layer_stack(s.layers, name="layers")(layer)(x_BTD)
+
+        x_BTD = layer_norm("ln_f")(x_BTD)
+        logits_BTV = Dense(s.n_vocab, stddev=1.0 / math.sqrt(s.d_model), bias=True, dtype=s.compute_dtype,
+                           name="lm_head")(x_BTD)
+        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+
+
+def build(shape: ModelShape) -> hk.Transformed:
+    """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV."""
+    return hk.transform(lambda tokens_BT: GPTJ(shape)(tokens_BT))
+
+
+def param_count(params) -> int:
+    return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))

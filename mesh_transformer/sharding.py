@@ -1,0 +1,147 @@
+"""Everything about device placement: the (dp, mp) mesh, the parameter partition rules, and activation
+constraints. Model code names logical axes ("batch", "heads", ...); this module alone maps them to mesh axes.
+
+Tensor parallelism follows the original: q/k/v, fc_in and the LM head split their output dim over `mp`,
+attention-out and fc_out their input dim, the embedding its vocab; the batch splits over `dp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Iterator, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mesh_transformer.config import Config
+
+DP, MP = "dp", "mp"
+
+# Logical axis -> mesh axis. "embed" is None (replicated) under plain tensor parallelism; the ZeRO
+# switches map it to `dp` for optimizer state (and params), see `logical_rules`.
+TENSOR_PARALLEL_RULES: dict[str, str | None] = {
+    "batch": DP,
+    "seq": None,
+    "embed": None,
+    "heads": MP,
+    "mlp": MP,
+    "vocab": MP,
+    "layers": None,
+}
+
+# The one table of parameter partitioning: a regex on "module/param" -> logical axes of the array.
+# Stacked layers carry a leading "layers" axis.
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"^gptj/embeddings$", ("vocab", "embed")),
+    (r"gptj/layers/block/ln_1/(scale|offset)$", ("layers", "embed")),
+    (r"gptj/layers/block/(q_proj|k_proj|v_proj)/w$", ("layers", "embed", "heads")),
+    (r"gptj/layers/block/out_proj/w$", ("layers", "heads", "embed")),
+    (r"gptj/layers/block/fc_in/w$", ("layers", "embed", "mlp")),
+    (r"gptj/layers/block/fc_in/b$", ("layers", "mlp")),
+    (r"gptj/layers/block/fc_out/w$", ("layers", "mlp", "embed")),
+    (r"gptj/layers/block/fc_out/b$", ("layers", "embed")),
+    (r"gptj/ln_f/(scale|offset)$", ("embed",)),
+    (r"gptj/lm_head/w$", ("embed", "vocab")),
+    (r"gptj/lm_head/b$", ("vocab",)),
+]
+
+
+def make_mesh(dp: int, mp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (dp, mp) mesh with Auto axes (GSPMD propagation), model-parallel groups on neighbouring devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) != dp * mp:
+        raise ValueError(f"a ({dp}, {mp}) mesh needs {dp * mp} devices, {len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(dp, mp), (DP, MP))
+
+
+def mesh_for(config: Config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    return make_mesh(config.dp, config.mp, devices)
+
+
+def logical_rules(config: Config | None = None, *, for_optimizer: bool = False) -> dict[str, str | None]:
+    """Mesh axis of every logical axis; the ZeRO switches also split the embed dim over `dp`."""
+    rules = dict(TENSOR_PARALLEL_RULES)
+    if config is not None and (
+        config.shard_params_over_dp or (for_optimizer and config.shard_optimizer_over_dp)
+    ):
+        rules["embed"] = DP
+    return rules
+
+
+def spec_for(logical_axes: Sequence[str | None], rules: Mapping[str, str | None]) -> PartitionSpec:
+    mesh_axes = [rules[a] if a is not None else None for a in logical_axes]
+    used = [a for a in mesh_axes if a is not None]
+    if len(used) != len(set(used)):
+        raise ValueError(f"logical axes {tuple(logical_axes)} map two dims to one mesh axis: {mesh_axes}")
+    return PartitionSpec(*mesh_axes)
+
+
+def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path):
+            assert len(axes) == ndim, f"rule {pattern} has {len(axes)} axes, {path} has {ndim} dims"
+            return axes
+    raise KeyError(f"no partition rule matches parameter {path!r}")
+
+
+def param_path(module: str, name: str) -> str:
+    return f"{module}/{name}"
+
+
+def param_specs(params, rules: Mapping[str, str | None]):
+    """PartitionSpec of every parameter (a Haiku params dict, or one of its shape structs)."""
+    return {
+        module: {name: spec_for(param_logical_axes(param_path(module, name), len(p.shape)), rules)
+                 for name, p in leaves.items()}
+        for module, leaves in params.items()
+    }
+
+
+def tree_shardings(mesh: Mesh, specs):
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
+                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Token batches (gradient_accumulation_steps, batch, seq + 1): rows split over `dp`."""
+    return NamedSharding(mesh, PartitionSpec(None, DP, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+# ----- activation constraints, active only while a mesh is installed with `activation_sharding` -----
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
+    "mesh_transformer_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Mapping[str, str | None] = TENSOR_PARALLEL_RULES) -> Iterator[None]:
+    """Within this context (while tracing), `constrain` pins activations to the mesh."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(logical_axes, rules)))
+
+
+def global_array(local: np.ndarray, array_sharding: NamedSharding) -> jax.Array:
+    """Assemble a global array from each process's contiguous block of rows along the sharded axis."""
+    global_shape = list(local.shape)
+    for dim, axis in enumerate(array_sharding.spec):
+        if axis is not None:
+            global_shape[dim] *= jax.process_count()
+    return jax.make_array_from_process_local_data(array_sharding, local, tuple(global_shape))
