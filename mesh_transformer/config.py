@@ -100,8 +100,11 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-_REQUIRED = [name for name, f in _FIELDS.items() if f.default is dataclasses.MISSING and
-             f.default_factory is dataclasses.MISSING]
+_REQUIRED = [
+    name
+    for name, f in _FIELDS.items()
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT = ("none", "layer")
 
@@ -124,8 +127,7 @@ def _check_type(key: str, value: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
     elif expected.startswith("dict"):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ConfigError(
-                f"config key '{key}' must be a dict of name -> dataset path, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be a dict of name -> dataset path, got {value!r}")
     elif expected.startswith("list"):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"config key '{key}' must be a list of strings, got {value!r}")
@@ -146,9 +148,23 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def validate(c: Config) -> Config:
-    positive = ["layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "tpu_size",
-                "per_replica_batch", "gradient_accumulation_steps", "total_steps", "anneal_steps",
-                "val_every", "ckpt_every", "keep_every", "keep_n"]
+    positive = [
+        "layers",
+        "d_model",
+        "n_heads",
+        "n_vocab",
+        "seq",
+        "cores_per_replica",
+        "tpu_size",
+        "per_replica_batch",
+        "gradient_accumulation_steps",
+        "total_steps",
+        "anneal_steps",
+        "val_every",
+        "ckpt_every",
+        "keep_every",
+        "keep_n",
+    ]
     for key in positive:
         if getattr(c, key) <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {getattr(c, key)}")
@@ -166,19 +182,23 @@ def validate(c: Config) -> Config:
         raise ConfigError(f"d_model ({c.d_model}) must be divisible by n_heads ({c.n_heads})")
     if c.n_heads % c.cores_per_replica:
         raise ConfigError(
-            f"n_heads ({c.n_heads}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+            f"n_heads ({c.n_heads}) must be divisible by cores_per_replica ({c.cores_per_replica})"
+        )
     if c.n_vocab % c.cores_per_replica:
         raise ConfigError(
-            f"n_vocab ({c.n_vocab}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+            f"n_vocab ({c.n_vocab}) must be divisible by cores_per_replica ({c.cores_per_replica})"
+        )
     if c.pe_rotary_dims <= 0 or c.pe_rotary_dims % 2:
         raise ConfigError(f"pe_rotary_dims must be a positive even number, got {c.pe_rotary_dims}")
     if c.pe_rotary_dims > c.head_dim:
         raise ConfigError(
             f"pe_rotary_dims ({c.pe_rotary_dims}) must not exceed the head dimension "
-            f"d_model / n_heads = {c.head_dim}")
+            f"d_model / n_heads = {c.head_dim}"
+        )
     if c.tpu_size % c.cores_per_replica:
         raise ConfigError(
-            f"tpu_size ({c.tpu_size}) must be divisible by cores_per_replica ({c.cores_per_replica})")
+            f"tpu_size ({c.tpu_size}) must be divisible by cores_per_replica ({c.cores_per_replica})"
+        )
     if c.compute_dtype not in _DTYPES:
         raise ConfigError(f"compute_dtype must be one of {', '.join(_DTYPES)}, got {c.compute_dtype!r}")
     if c.remat not in _REMAT:
@@ -212,4 +232,5 @@ def check_device_count(c: Config, device_count: int) -> None:
     if device_count != c.tpu_size:
         raise ConfigError(
             f"the config's tpu_size is {c.tpu_size} but {device_count} devices are available "
-            f"(pass --tpu-size {device_count} to override)")
+            f"(pass --tpu-size {device_count} to override)"
+        )

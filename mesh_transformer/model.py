@@ -77,10 +77,12 @@ class Dense(hk.Module):
         self.d_out, self.stddev, self.bias, self.dtype = d_out, stddev, bias, jnp.dtype(dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = hk.get_parameter("w", (x.shape[-1], self.d_out), jnp.float32,
-                             init=hk.initializers.TruncatedNormal(self.stddev))
-        y = jnp.einsum("...i,io->...o", x.astype(self.dtype), w.astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        w = hk.get_parameter(
+            "w", (x.shape[-1], self.d_out), jnp.float32, init=hk.initializers.TruncatedNormal(self.stddev)
+        )
+        y = jnp.einsum(
+            "...i,io->...o", x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32
+        )
         if self.bias:
             y = y + hk.get_parameter("b", (self.d_out,), jnp.float32, init=jnp.zeros)
         return y
@@ -106,22 +108,32 @@ class Block(hk.Module):
         # Attention. The linear creation order q, v, k matches the original checkpoints.
         B, T, _ = h_BTD.shape
         split = lambda y: constrain(y.reshape(B, T, s.n_heads, s.head_dim), ("batch", "seq", "heads", None))
-        q_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="q_proj")(h_BTD))
-        v_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="v_proj")(h_BTD))
-        k_BTHK = split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="k_proj")(h_BTD))
+        q_BTHK = split(
+            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="q_proj")(h_BTD)
+        )
+        v_BTHK = split(
+            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="v_proj")(h_BTD)
+        )
+        k_BTHK = split(
+            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="k_proj")(h_BTD)
+        )
         q_BTHK = apply_rotary(q_BTHK, sin_TR, cos_TR)
         k_BTHK = apply_rotary(k_BTHK, sin_TR, cos_TR)
 
         cd = jnp.dtype(s.compute_dtype)
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK.astype(cd), k_BTHK.astype(cd),
-                                 preferred_element_type=jnp.float32) / math.sqrt(s.head_dim)
+        scores_BHTS = jnp.einsum(
+            "bthk,bshk->bhts", q_BTHK.astype(cd), k_BTHK.astype(cd), preferred_element_type=jnp.float32
+        ) / math.sqrt(s.head_dim)
         causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
         scores_BHTS = jnp.where(causal_TS, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-        attn_BTHK = jnp.einsum("bhts,bshk->bthk", probs_BHTS.astype(cd), v_BTHK.astype(cd),
-                               preferred_element_type=jnp.float32)
+        attn_BTHK = jnp.einsum(
+            "bhts,bshk->bthk", probs_BHTS.astype(cd), v_BTHK.astype(cd), preferred_element_type=jnp.float32
+        )
         attn_BTD = attn_BTHK.reshape(B, T, s.d_model)
-        attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(attn_BTD)
+        attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(
+            attn_BTD
+        )
 
         # MLP
         ff_BTF = Dense(4 * s.d_model, stddev=fan_in, bias=True, dtype=s.compute_dtype, name="fc_in")(h_BTD)
@@ -140,8 +152,12 @@ class GPTJ(hk.Module):
 
     def __call__(self, tokens_BT: jax.Array) -> jax.Array:
         s = self.s
-        wte_VD = hk.get_parameter("embeddings", (s.n_vocab, s.d_model), jnp.float32,
-                                  init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(s.n_vocab)))
+        wte_VD = hk.get_parameter(
+            "embeddings",
+            (s.n_vocab, s.d_model),
+            jnp.float32,
+            init=hk.initializers.TruncatedNormal(1.0 / math.sqrt(s.n_vocab)),
+        )
         wte_VD = constrain(wte_VD, ("vocab", "embed"))
         x_BTD = constrain(jnp.take(wte_VD, tokens_BT, axis=0), ("batch", "seq", "embed"))
         sin_TR, cos_TR = rotary_sin_cos(jnp.arange(tokens_BT.shape[1]), s.rotary_dims)
@@ -154,8 +170,9 @@ class GPTJ(hk.Module):
         x_BTD = hk.layer_stack(s.layers, name="layers")(layer)(x_BTD)
 
         x_BTD = layer_norm("ln_f")(x_BTD)
-        logits_BTV = Dense(s.n_vocab, stddev=1.0 / math.sqrt(s.d_model), bias=True, dtype=s.compute_dtype,
-                           name="lm_head")(x_BTD)
+        logits_BTV = Dense(
+            s.n_vocab, stddev=1.0 / math.sqrt(s.d_model), bias=True, dtype=s.compute_dtype, name="lm_head"
+        )(x_BTD)
         return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
 

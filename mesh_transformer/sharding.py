@@ -94,15 +94,18 @@ def param_path(module: str, name: str) -> str:
 def param_specs(params, rules: Mapping[str, str | None]):
     """PartitionSpec of every parameter (a Haiku params dict, or one of its shape structs)."""
     return {
-        module: {name: spec_for(param_logical_axes(param_path(module, name), len(p.shape)), rules)
-                 for name, p in leaves.items()}
+        module: {
+            name: spec_for(param_logical_axes(param_path(module, name), len(p.shape)), rules)
+            for name, p in leaves.items()
+        }
         for module, leaves in params.items()
     }
 
 
 def tree_shardings(mesh: Mesh, specs):
-    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
-                                  is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree_util.tree_map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -117,11 +120,14 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # ----- activation constraints, active only while a mesh is installed with `activation_sharding` -----
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
-    "mesh_transformer_activation_sharding", default=None)
+    "mesh_transformer_activation_sharding", default=None
+)
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Mapping[str, str | None] = TENSOR_PARALLEL_RULES) -> Iterator[None]:
+def activation_sharding(
+    mesh: Mesh, rules: Mapping[str, str | None] = TENSOR_PARALLEL_RULES
+) -> Iterator[None]:
     """Within this context (while tracing), `constrain` pins activations to the mesh."""
     token = _ACTIVE.set((mesh, rules))
     try:

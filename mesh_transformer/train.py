@@ -2,7 +2,8 @@
 mesh with `NamedSharding` in/out shardings and the state donated.
 
 `Trainer` owns the compiled functions; `device_train.py` (single process) and the Ray actors (multi-host)
-both drive it the same way: `state = trainer.init_state()`, then `state, metrics = trainer.step(state, batch)`.
+both drive it the same way: `state = trainer.init_state(seed)`, then
+`state, metrics = trainer.step(state, batch)`.
 """
 
 from __future__ import annotations
@@ -52,24 +53,37 @@ class Trainer:
         self.batch_sharding = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
         self.abstract_state = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings)
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_shardings
+        )
 
         self._jit_init = jax.jit(self._init, out_shardings=self.state_shardings)
-        self.step = jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
-                            out_shardings=(self.state_shardings, replicated), donate_argnums=0)
-        self.eval_loss = jax.jit(self._eval_loss, in_shardings=(self.state_shardings.params,
-                                                                NamedSharding(mesh, PartitionSpec("dp", None))),
-                                 out_shardings=replicated)
+        self.step = jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_loss = jax.jit(
+            self._eval_loss,
+            in_shardings=(self.state_shardings.params, NamedSharding(mesh, PartitionSpec("dp", None))),
+            out_shardings=replicated,
+        )
 
     # ----- shardings -----
     def _state_shardings(self, abstract: TrainState) -> TrainState:
         rules = sharding.logical_rules(self.config)
         param_specs = sharding.param_specs(abstract.params, rules)
-        opt_specs = sharding.param_specs(abstract.params, sharding.logical_rules(self.config, for_optimizer=True))
+        opt_specs = sharding.param_specs(
+            abstract.params, sharding.logical_rules(self.config, for_optimizer=True)
+        )
         opt_state_specs = optax.tree_map_params(
-            self.optimizer, lambda _, spec: spec, abstract.opt_state, opt_specs,
+            self.optimizer,
+            lambda _, spec: spec,
+            abstract.opt_state,
+            opt_specs,
             transform_non_params=lambda _: PartitionSpec(),
-            is_leaf=lambda x: isinstance(x, PartitionSpec))
+            is_leaf=lambda x: isinstance(x, PartitionSpec),
+        )
         specs = TrainState(PartitionSpec(), param_specs, opt_state_specs)
         return sharding.tree_shardings(self.mesh, specs)
 
@@ -101,8 +115,11 @@ class Trainer:
 
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-            metrics = {"loss": jnp.mean(ce_A), "grad_norm": optax.global_norm(grads),
-                       "lr": self.schedule(state.step)}
+            metrics = {
+                "loss": jnp.mean(ce_A),
+                "grad_norm": optax.global_norm(grads),
+                "lr": self.schedule(state.step),
+            }
             return TrainState(state.step + 1, params, opt_state), metrics
 
     def _eval_loss(self, params, tokens_BT1: jax.Array) -> jax.Array:
