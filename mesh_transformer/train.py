@@ -63,9 +63,10 @@ class Trainer:
             out_shardings=(self.state_shardings, replicated),
             donate_argnums=0,
         )
+        self.eval_batch_sharding = NamedSharding(mesh, PartitionSpec(sharding.DP, None))
         self.eval_loss = jax.jit(
             self._eval_loss,
-            in_shardings=(self.state_shardings.params, NamedSharding(mesh, PartitionSpec("dp", None))),
+            in_shardings=(self.state_shardings.params, self.eval_batch_sharding),
             out_shardings=replicated,
         )
 

@@ -1,0 +1,72 @@
+"""Train a GPT-J-class model on this machine's devices (or, with --hosts, on a Ray cluster).
+
+python device_train.py --config configs/demo.json
+python device_train.py --config configs/6B_roto_256.json --dry-run
+"""
+
+import argparse
+import os
+
+from mesh_transformer.errors import run_cli
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="JSON config (see configs/)")
+    p.add_argument("--model-dir", help="where checkpoints and metrics go (default: from the config)")
+    p.add_argument("--steps", type=int, help="train until this step (default: the config's total_steps)")
+    p.add_argument(
+        "--data", nargs="+", help="a prepared dataset dir, or text/jsonl files (default: demo corpus)"
+    )
+    p.add_argument("--tokenizer", help="tokenizer.json for raw text given with --data")
+    p.add_argument("--tpu-size", type=int, help="override the config's device count")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print config, mesh, parameters, memory; build nothing"
+    )
+    p.add_argument("--sample-prompt", default="", help="prompt of the sample printed after training")
+    p.add_argument("--sample-tokens", type=int, default=64, help="length of that sample (0: no sample)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from mesh_transformer.config import check_device_count, load_config
+
+    config = load_config(args.config, tpu_size=args.tpu_size)
+    if args.steps is not None and args.steps < 0:
+        raise_user_error(f"--steps must be >= 0, got {args.steps}")
+    if args.dry_run:
+        from mesh_transformer.run import describe
+
+        print(describe(config))
+        return
+
+    import jax
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", config.tpu_size)  # emulate the mesh on a CPU-only host
+    check_device_count(config, jax.device_count())
+
+    from mesh_transformer.run import RunOptions, model_dir_for, train
+
+    options = RunOptions(
+        model_dir=model_dir_for(config, args.model_dir),
+        steps=args.steps,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        progress=not args.no_progress,
+        sample_prompt=args.sample_prompt if args.sample_tokens > 0 else None,
+        sample_tokens=args.sample_tokens,
+    )
+    train(config, options)
+
+
+def raise_user_error(message: str) -> None:
+    from mesh_transformer.errors import UserError
+
+    raise UserError(message)
+
+
+if __name__ == "__main__":
+    run_cli(main)

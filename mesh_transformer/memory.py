@@ -1,0 +1,72 @@
+"""Per-device memory estimate of a training step, computed from shapes alone (nothing is built on devices).
+
+Used by `device_train.py --dry-run` to tell, in seconds, whether a config fits before a pod is rented; the
+ahead-of-time compile (`scripts/aot_compile.py`) gives the compiler's exact figure to compare with.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesh_transformer import sharding
+from mesh_transformer.config import Config
+from mesh_transformer.model import ModelShape, build
+
+GiB = 1024**3
+
+
+class MemoryEstimate(NamedTuple):
+    params: int  # float32 master weights held by one device
+    optimizer: int  # Adam moments (two float32 copies) held by one device
+    gradients: int  # float32 accumulator + one micro-batch's gradients
+    activations: int  # what the forward keeps for the backward, plus one layer's recompute and the logits
+
+    @property
+    def total(self) -> int:
+        return self.params + self.optimizer + self.gradients + self.activations
+
+
+def abstract_params(config: Config):
+    """Shapes and dtypes of the params, via tracing only."""
+    model = build(ModelShape.from_config(config))
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, config.seq), jnp.int32))
+
+
+def _sharded_bytes(params, rules, mesh_sizes: dict[str, int]) -> int:
+    total = 0
+    for module, leaves in params.items():
+        for name, p in leaves.items():
+            spec = sharding.spec_for(sharding.param_logical_axes(f"{module}/{name}", len(p.shape)), rules)
+            shards = int(np.prod([mesh_sizes[a] for a in spec if a is not None]))
+            total += int(np.prod(p.shape)) * 4 // shards
+    return total
+
+
+def estimate(config: Config, params=None) -> MemoryEstimate:
+    params = abstract_params(config) if params is None else params
+    mesh_sizes = {sharding.DP: config.dp, sharding.MP: config.mp}
+    param_bytes = _sharded_bytes(params, sharding.logical_rules(config), mesh_sizes)
+    opt_bytes = 2 * _sharded_bytes(params, sharding.logical_rules(config, for_optimizer=True), mesh_sizes)
+    grad_bytes = 2 * param_bytes
+
+    # Activations of one micro-batch on one device (batch split over dp; heads, mlp, vocab over mp).
+    B, T, D, L = config.per_replica_batch, config.seq, config.d_model, config.layers
+    H, mp = config.n_heads, config.mp
+    act = 2 if config.compute_dtype != "float32" else 4
+    one_layer = (
+        B * T * D * 4 * 2  # residual input and LayerNorm output (float32)
+        + B * T * 3 * D // mp * act * 2  # q, k, v (and rotary copies of q, k)
+        + B * H // mp * T * T * (4 + act)  # scores (float32) and probabilities
+        + B * T * D // mp * act  # attention output
+        + B * T * 4 * D // mp * (4 + act)  # fc_in output (float32) and gelu
+    )
+    if config.remat == "layer":
+        kept = L * B * T * D * 4 + one_layer  # each layer's input, plus one layer recomputed in backward
+    else:
+        kept = L * one_layer
+    logits = 3 * B * T * config.n_vocab // mp * 4  # logits, their gradient, the one-hot product
+    return MemoryEstimate(param_bytes, opt_bytes, grad_bytes, kept + logits)

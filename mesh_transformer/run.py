@@ -1,0 +1,171 @@
+"""A training run: data in, train steps over the mesh, figures out (metrics.jsonl, progress bar), a sample at
+the end. `device_train.py` calls `train` in one process; each Ray actor calls the same function on its host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mesh_transformer import data, sharding
+from mesh_transformer.config import Config
+from mesh_transformer.memory import GiB, estimate
+from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
+from mesh_transformer.model import ModelShape, param_count
+from mesh_transformer.sampling import generate
+from mesh_transformer.train import Trainer
+
+
+@dataclasses.dataclass
+class RunOptions:
+    model_dir: str
+    steps: int | None = None  # train until this many optimizer steps (default: the config's total_steps)
+    data: list[str] | None = None  # prepared dataset dir or text files; None = the embedded demo corpus
+    tokenizer: str | None = None  # tokenizer.json for raw text files
+    progress: bool = True
+    sample_prompt: str | None = None  # printed continuation after training; None = no sample
+    sample_tokens: int = 64
+
+
+def model_dir_for(config: Config, override: str | None) -> str:
+    if override:
+        return override.rstrip("/")
+    if config.bucket:
+        return f"gs://{config.bucket}/{config.model_dir}".rstrip("/")
+    return (config.model_dir or f"runs/{config.name}").rstrip("/")
+
+
+def describe(config: Config) -> str:
+    """The --dry-run report: parsed config, mesh, parameter count and per-device memory, from shapes only."""
+    from mesh_transformer.memory import abstract_params
+
+    params = abstract_params(config)
+    mem = estimate(config, params)
+    lines = ["config:"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in config.to_dict().items()]
+    lines += [
+        f"mesh: dp={config.dp} x mp={config.mp} ({config.tpu_size} devices)",
+        f"parameters: {param_count(params):,}",
+        f"tokens per step: {config.tokens_per_step:,} "
+        f"({config.global_batch} sequences x {config.gradient_accumulation_steps} accumulation x {config.seq})",
+        "memory per device (estimate):",
+        f"  params      {mem.params / GiB:8.2f} GiB",
+        f"  optimizer   {mem.optimizer / GiB:8.2f} GiB",
+        f"  gradients   {mem.gradients / GiB:8.2f} GiB",
+        f"  activations {mem.activations / GiB:8.2f} GiB  (remat={config.remat})",
+        f"  total       {mem.total / GiB:8.2f} GiB",
+    ]
+    return "\n".join(lines)
+
+
+def train(config: Config, options: RunOptions) -> dict:
+    """Train on the mesh of all devices; returns the last step's metrics."""
+    model_dir = options.model_dir
+    is_main = jax.process_index() == 0
+    if "://" not in model_dir:
+        os.makedirs(model_dir, exist_ok=True)
+
+    dataset_dir = data.resolve_training_data(
+        options.data,
+        model_dir,
+        n_vocab=config.n_vocab,
+        seq=config.seq,
+        tokenizer=options.tokenizer,
+        seed=config.seed,
+    )
+    loader = data.Loader(
+        dataset_dir,
+        "train",
+        seq=config.seq,
+        global_batch=config.global_batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        seed=config.seed,
+    )
+    mesh = sharding.mesh_for(config)
+    trainer = Trainer(config, mesh)
+    state = trainer.init_state(config.seed)
+
+    n_params = param_count(state.params)
+    model_flops_per_token = flops_per_token(config, matmul_params(config, n_params))
+    peak = peak_flops(jax.devices(), config.compute_dtype)
+    end_step = options.steps if options.steps is not None else config.total_steps
+    start_step = int(state.step)
+
+    log = MetricsLog(model_dir, enabled=is_main)
+    bar = tqdm(
+        total=end_step,
+        initial=start_step,
+        disable=not (options.progress and is_main),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    metrics: dict = {}
+    try:
+        for step in range(start_step, end_step):
+            batch = trainer.global_batch(next(loader))
+            t0 = time.perf_counter()
+            state, step_metrics = trainer.step(state, batch)
+            step_metrics = jax.device_get(step_metrics)
+            seconds = time.perf_counter() - t0
+            tokens_per_sec = config.tokens_per_step / seconds
+            metrics = {
+                "step": step + 1,
+                "loss": float(step_metrics["loss"]),
+                "lr": float(step_metrics["lr"]),
+                "grad_norm": float(step_metrics["grad_norm"]),
+                "tokens_per_sec": tokens_per_sec,
+                "mfu": model_flops_per_token * tokens_per_sec / peak,
+                "tokens_seen": (step + 1) * config.tokens_per_step,
+                "step_seconds": seconds,
+            }
+            if config.val_batches and ((step + 1) % config.val_every == 0 or step + 1 == end_step):
+                metrics["val/loss"] = validation_loss(trainer, state, dataset_dir, config)
+            log.write(metrics)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                lr=f"{metrics['lr']:.2e}",
+                gnorm=f"{metrics['grad_norm']:.2f}",
+                tok_s=f"{tokens_per_sec:,.0f}",
+                mfu=f"{metrics['mfu']:.1%}",
+            )
+    finally:
+        bar.close()
+        log.close()
+
+    if options.sample_prompt is not None and is_main:
+        print(sample_text(config, state.params, dataset_dir, options.sample_prompt, options.sample_tokens))
+    return metrics
+
+
+def validation_loss(trainer: Trainer, state, dataset_dir: str, config: Config) -> float:
+    batches = data.validation_batches(
+        dataset_dir, seq=config.seq, global_batch=config.global_batch, n_batches=config.val_batches
+    )
+    losses = [
+        trainer.eval_loss(state.params, sharding.global_array(b, trainer.eval_batch_sharding))
+        for b in batches
+    ]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def sample_text(config: Config, params, dataset_dir: str, prompt: str, n_tokens: int) -> str:
+    tokenizer = data.load_tokenizer(dataset_dir)
+    prompt_ids = tokenizer.encode(prompt).ids or [tokenizer.token_to_id("<|endoftext|>") or 0]
+    new_ids = generate(
+        ModelShape.from_config(config),
+        jax.device_get(params),
+        prompt_ids,
+        n_tokens,
+        seq=config.seq,
+        vocab_size=tokenizer.get_vocab_size(),
+        temperature=0.8,
+        seed=config.seed,
+    )
+    return prompt + tokenizer.decode(new_ids)
