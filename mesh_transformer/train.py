@@ -118,7 +118,7 @@ class Trainer:
             params = optax.apply_updates(state.params, updates)
             metrics = {
                 "loss": jnp.mean(ce_A),
-                "grad_norm": optax.global_norm(grads),
+                "grad_norm": optax.tree.norm(grads),
                 "lr": self.schedule(state.step),
             }
             return TrainState(state.step + 1, params, opt_state), metrics

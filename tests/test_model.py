@@ -1,0 +1,113 @@
+"""The Haiku GPT-J equals Hugging Face `GPTJForCausalLM` with the same random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import GPTJConfig, GPTJForCausalLM
+
+from mesh_transformer import model as model_lib
+from mesh_transformer.hf import params_from_hf
+from mesh_transformer.model import ModelShape, build, param_count
+
+
+def random_hf_model(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, vocab=96, seed=0) -> GPTJForCausalLM:
+    torch.manual_seed(seed)
+    cfg = GPTJConfig(
+        vocab_size=vocab,
+        n_positions=64,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        rotary_dim=rotary_dim,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+    )
+    hf = GPTJForCausalLM(cfg).eval()
+    # HF initialises biases and LayerNorms to 0/1; randomise everything so that a swapped tensor shows, and
+    # make q/k large enough that attention (and so the rotary position signal) matters.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            std = 0.3 if ("q_proj" in name or "k_proj" in name) else 0.1
+            p.copy_(torch.randn_like(p) * std + (1.0 if name.endswith("ln_1.weight") else 0.0))
+    return hf
+
+
+def ours_vs_hf(hf: GPTJForCausalLM, tokens_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = hf.config
+    shape = ModelShape(c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.rotary_dim, "float32", "none")
+    tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    params = params_from_hf(tensors, c.n_layer)
+    ours = np.asarray(build(shape).apply(params, None, jnp.asarray(tokens_BT)))
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(tokens_BT).long()).logits.numpy()
+    return ours, theirs
+
+
+@pytest.mark.parametrize(
+    "n_embd,n_head,rotary_dim",
+    [(64, 4, 8), (64, 4, 16), (96, 3, 32)],  # rotary on part of the head, and on all of it
+)
+def test_logits_match_transformers_gptj(n_embd, n_head, rotary_dim):
+    hf = random_hf_model(n_embd=n_embd, n_head=n_head, rotary_dim=rotary_dim)
+    tokens_BT = np.random.default_rng(0).integers(0, hf.config.vocab_size, (2, 24))
+    ours, theirs = ours_vs_hf(hf, tokens_BT)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_neox_rotary_style_does_not_match(monkeypatch):
+    """Negative control: "rotate_half" (GPT-NeoX) rotary gives different logits from GPT-J's interleaved."""
+
+    def rotate_half_rotary(x_BTHK, sin_TR, cos_TR):
+        rot = sin_TR.shape[-1]
+        x_rot, x_pass = x_BTHK[..., :rot], x_BTHK[..., rot:]
+        half = rot // 2
+        sin = jnp.concatenate([sin_TR[:, 0::2]] * 2, -1)[:, None, :]
+        cos = jnp.concatenate([cos_TR[:, 0::2]] * 2, -1)[:, None, :]
+        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], -1)
+        return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], -1)
+
+    hf = random_hf_model()
+    tokens_BT = np.random.default_rng(1).integers(0, hf.config.vocab_size, (1, 24))
+    ours, theirs = ours_vs_hf(hf, tokens_BT)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    monkeypatch.setattr(model_lib, "apply_rotary", rotate_half_rotary)
+    neox, theirs = ours_vs_hf(hf, tokens_BT)
+    assert np.abs(neox - theirs).max() > 1e-2
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    shape32 = ModelShape(2, 64, 4, 96, 8, "float32", "none")
+    model32, model16 = build(shape32), build(shape32._replace(compute_dtype="bfloat16"))
+    tokens_BT = jnp.asarray(np.random.default_rng(2).integers(0, 96, (2, 16)))
+    params = model32.init(jax.random.PRNGKey(0), tokens_BT)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    out32 = model32.apply(params, None, tokens_BT)
+    out16 = model16.apply(params, None, tokens_BT)
+    assert out16.dtype == jnp.float32  # float32 accumulation and softmax whatever the compute dtype
+    assert 0 < float(jnp.abs(out32 - out16).max()) < 5e-2
+
+
+def test_remat_changes_memory_not_values():
+    shape = ModelShape(3, 64, 4, 96, 8, "float32", "none")
+    tokens_BT = jnp.asarray(np.random.default_rng(3).integers(0, 96, (2, 16)))
+    plain, remat = build(shape), build(shape._replace(remat="layer"))
+    params = plain.init(jax.random.PRNGKey(0), tokens_BT)
+
+    def grads(m):
+        return jax.grad(lambda p: m.apply(p, None, tokens_BT).sum())(params)
+
+    for a, b in zip(
+        jax.tree_util.tree_leaves(grads(plain)), jax.tree_util.tree_leaves(grads(remat)), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_6b_parameter_count_matches_gptj_6b():
+    shape = ModelShape(28, 4096, 16, 50400, 64, "bfloat16", "layer")
+    params = jax.eval_shape(build(shape).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
+    assert param_count(params) == 6_050_882_784
