@@ -1,0 +1,787 @@
+"""Checkpoints: sharded, atomic, asynchronous saves of a state pytree on local disk or GCS; reshard on load.
+
+Each process writes only the replica-0 shards it holds, one safetensors file per piece, next to JSON metadata;
+a `COMMITTED` marker written last makes a checkpoint visible. Restores reshard onto any mesh piece by piece.
+
+Layout of one checkpoint directory (`{model_dir}/step_{N}/`, or the path given to `save_params`):
+
+    checkpoint.json            format, step, extra, and per leaf: tree path, shape, dtype, partition spec,
+                               and the boxes ([start, stop) per dimension) of the pieces it was saved in
+    {leaf:05d}.{piece:05d}.safetensors
+                               one piece: a single tensor "data"; its metadata holds the leaf path, the box
+                               and the CRC-32 of the data bytes
+    COMMITTED                  written last, after every process finished; anything without it is ignored
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+FORMAT = "mesh_transformer.checkpoint/1"
+METADATA_FILE = "checkpoint.json"
+COMMIT_MARKER = "COMMITTED"
+# Tree path prefix of the parameters inside a train state (`TrainState.params`); slim checkpoints keep it,
+# so full and slim checkpoints name every parameter identically.
+PARAMS_PREFIX = ".params"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# Writer threads per process: enough to overlap checksums, local writes and GCS round trips.
+_WRITE_THREADS = 4
+# How long a process waits for its peers to finish writing; past it the save fails and stays uncommitted.
+_BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+_NUMPY_DTYPES = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message names the file and the problem."""
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Storage: a directory on local disk or in a GCS bucket.
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Store:
+    """A directory addressed by URL; names below it are '/'-separated relative paths."""
+
+    url: str
+
+    @staticmethod
+    def open(url: str) -> _Store:
+        if not url:
+            raise CheckpointError("checkpoint path is empty; expected a local directory or gs://bucket/path")
+        if url.startswith("gs://"):
+            return _GcsStore(url)
+        return _LocalStore(url)
+
+    def describe(self, name: str) -> str:
+        return f"{self.url.rstrip('/')}/{name}" if name else self.url
+
+    # Interface implemented by both stores.
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes:
+        """The whole file; FileNotFoundError when it does not exist."""
+        raise NotImplementedError
+
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def subdirs(self) -> list[str]:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def delete_dir(self, name: str) -> None:
+        raise NotImplementedError
+
+    def sync_dir(self, name: str) -> None:
+        """Make the directory entries written so far durable (a no-op where writes are atomic objects)."""
+
+
+class _LocalStore(_Store):
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.root = os.path.abspath(url)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, *name.split("/")) if name else self.root
+
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        path = self._path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Write under a temporary name and rename, so a reader never sees half a file under the real name.
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def read(self, name: str) -> bytes:
+        with open(self._path(name), "rb") as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._path(name))
+
+    def subdirs(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        return [d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d))]
+
+    def delete(self, name: str) -> None:
+        try:
+            os.remove(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def delete_dir(self, name: str) -> None:
+        shutil.rmtree(self._path(name), ignore_errors=True)
+
+    def sync_dir(self, name: str) -> None:
+        fd = os.open(self._path(name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _gcs_retry():
+    """Exponential backoff on GCS's transient errors (429, 5xx, connection resets) for every request."""
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    return DEFAULT_RETRY.with_delay(initial=0.5, multiplier=2.0, maximum=30.0).with_timeout(600.0)
+
+
+class _GcsStore(_Store):
+    # Resumable uploads send this much per request; it bounds the writer's buffer.
+    CHUNK_BYTES = 64 * 1024 * 1024
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        bucket, _, prefix = url[len("gs://") :].partition("/")
+        if not bucket:
+            raise CheckpointError(f"checkpoint path {url!r} names no bucket; expected gs://bucket/path")
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self._local = threading.local()  # one client per thread: HTTP sessions are not shared across threads
+        self._retry = _gcs_retry()
+
+    def _bucket(self):
+        bucket = getattr(self._local, "bucket", None)
+        if bucket is None:
+            from google.auth.exceptions import DefaultCredentialsError
+            from google.cloud import storage
+
+            try:
+                client = storage.Client()
+            except DefaultCredentialsError as e:
+                raise CheckpointError(f"cannot open {self.url}: no Google Cloud credentials ({e})") from None
+            bucket = self._local.bucket = client.bucket(self.bucket_name)
+        return bucket
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
+        blob = self._bucket().blob(self._key(name), chunk_size=self.CHUNK_BYTES)
+        # An object becomes visible only when its upload completes, so a failed write leaves nothing behind.
+        with blob.open("wb", retry=self._retry, ignore_flush=True) as f:
+            for chunk in chunks:
+                f.write(chunk)
+
+    def read(self, name: str) -> bytes:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            return self._bucket().blob(self._key(name)).download_as_bytes(retry=self._retry)
+        except NotFound:
+            raise FileNotFoundError(self.describe(name)) from None
+
+    def exists(self, name: str) -> bool:
+        return self._bucket().blob(self._key(name)).exists(retry=self._retry)
+
+    def subdirs(self) -> list[str]:
+        bucket = self._bucket()
+        base = f"{self.prefix}/" if self.prefix else ""
+        blobs = bucket.client.list_blobs(bucket, prefix=base, delimiter="/", retry=self._retry)
+        for _ in blobs.pages:  # prefixes fill in as pages are read
+            pass
+        return [p[len(base) :].rstrip("/") for p in blobs.prefixes]
+
+    def delete(self, name: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            self._bucket().blob(self._key(name)).delete(retry=self._retry)
+        except NotFound:
+            pass
+
+    def delete_dir(self, name: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        bucket = self._bucket()
+        for blob in bucket.client.list_blobs(bucket, prefix=self._key(name) + "/", retry=self._retry):
+            try:
+                blob.delete(retry=self._retry)
+            except NotFound:
+                pass
+
+
+# --------------------------------------------------------------------------------------------------------
+# One piece = one safetensors file holding a single tensor named "data".
+# --------------------------------------------------------------------------------------------------------
+
+Box = tuple[tuple[int, int], ...]  # [start, stop) per dimension
+
+
+def _piece_name(leaf_index: int, piece_index: int) -> str:
+    return f"{leaf_index:05d}.{piece_index:05d}.safetensors"
+
+
+def _join(directory: str, name: str) -> str:
+    """`name` inside `directory`, where "" is the store's own root (a slim checkpoint's layout)."""
+    return f"{directory}/{name}" if directory else name
+
+
+def _encode_piece(array: np.ndarray, leaf_path: str, box: Box) -> list[bytes | memoryview]:
+    """Safetensors bytes for one piece, as chunks that reference `array` instead of copying it."""
+    # safetensors is little-endian, like every host JAX runs on; refuse silently wrong bytes elsewhere.
+    assert sys.byteorder == "little"
+    array = array if array.flags.c_contiguous else array.copy(order="C")  # ascontiguousarray makes 0-d 1-d
+    data = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+    header = {
+        "data": {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [0, data.nbytes],
+        },
+        "__metadata__": {
+            "leaf": leaf_path,
+            "box": json.dumps([list(b) for b in box]),
+            "crc32": f"{zlib.crc32(data):08x}",
+        },
+    }
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header so the data starts 8-byte aligned
+    return [struct.pack("<Q", len(encoded)), encoded, data]
+
+
+def _decode_piece(raw: bytes, where: str, leaf_path: str, box: Box, dtype: str) -> np.ndarray:
+    """The piece's array after checking it is whole, is the expected piece and matches its checksum."""
+    expected_shape = [stop - start for start, stop in box]
+    if len(raw) < 8:
+        raise CheckpointError(f"{where}: truncated ({len(raw)} bytes); the piece file is damaged")
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    if 8 + header_len > len(raw):
+        raise CheckpointError(f"{where}: truncated header ({len(raw)} bytes); the piece file is damaged")
+    try:
+        header = json.loads(raw[8 : 8 + header_len])
+        info, meta = header["data"], header["__metadata__"]
+        begin, end = info["data_offsets"]
+        saved = (info["dtype"], info["shape"], meta["leaf"], json.loads(meta["box"]), meta["crc32"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{where}: unreadable safetensors header ({e}); the piece file is damaged"
+        ) from None
+    saved_dtype, saved_shape, saved_leaf, saved_box, crc = saved
+    wanted = (_SAFETENSORS_DTYPES[dtype], expected_shape, leaf_path, [list(b) for b in box])
+    if (saved_dtype, saved_shape, saved_leaf, saved_box) != wanted:
+        raise CheckpointError(
+            f"{where}: holds {saved_leaf} box {saved_box} {saved_dtype}{saved_shape}, but {METADATA_FILE} "
+            f"expects {leaf_path} box {wanted[3]} {wanted[0]}{expected_shape}; the checkpoint is inconsistent"
+        )
+    data = memoryview(raw)[8 + header_len :]
+    nbytes = int(np.prod(expected_shape, dtype=np.int64)) * _np_dtype(dtype).itemsize
+    if (begin, end) != (0, nbytes) or len(data) != nbytes:
+        raise CheckpointError(
+            f"{where}: holds {len(data)} data bytes, expected {nbytes}; the piece file is truncated"
+        )
+    if f"{zlib.crc32(data):08x}" != crc:
+        raise CheckpointError(
+            f"{where}: checksum mismatch (CRC-32 {crc} recorded); the piece file is damaged"
+        )
+    return np.frombuffer(data, dtype=_np_dtype(dtype)).reshape(expected_shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tree metadata and host copies.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _box(index: tuple[slice, ...], shape: Sequence[int]) -> Box:
+    return tuple((s.indices(n)[0], s.indices(n)[1]) for s, n in zip(index, shape, strict=True))
+
+
+def _spec_json(sharding: Any) -> list | None:
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return None
+    return [list(p) if isinstance(p, tuple) else p for p in spec]
+
+
+def _describe_leaves(leaves_with_paths: list[tuple[Any, Any]]) -> list[dict]:
+    """Per leaf: path, shape, dtype, partition spec and the sorted unique boxes it is split into."""
+    records = []
+    for path, leaf in leaves_with_paths:
+        if isinstance(leaf, jax.Array):
+            shape, dtype = tuple(leaf.shape), leaf.dtype
+            boxes = sorted({_box(i, shape) for i in leaf.sharding.devices_indices_map(shape).values()})
+            spec = _spec_json(leaf.sharding)
+        else:  # numpy scalars and arrays: one replicated piece
+            value = np.asarray(leaf)
+            shape, dtype = value.shape, value.dtype
+            boxes, spec = [tuple((0, n) for n in shape)], None
+        if dtype.name not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"leaf {jax.tree_util.keystr(path)} has dtype {dtype}, which cannot be saved"
+            )
+        records.append(
+            {
+                "path": jax.tree_util.keystr(path),
+                "shape": list(shape),
+                "dtype": dtype.name,
+                "spec": spec,
+                "boxes": [[list(b) for b in box] for box in boxes],
+            }
+        )
+    return records
+
+
+@dataclass
+class _Piece:
+    leaf: int
+    piece: int
+    array: np.ndarray
+
+
+def _host_pieces(leaves: list[Any], records: list[dict]) -> list[_Piece]:
+    """Host copies of the replica-0 shards this process holds: one copy of each piece in the whole job."""
+    found: list[tuple[int, int, Any]] = []
+    for i, (leaf, record) in enumerate(zip(leaves, records, strict=True)):
+        box_index = {tuple(tuple(b) for b in box): j for j, box in enumerate(record["boxes"])}
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                if shard.replica_id == 0:
+                    found.append((i, box_index[_box(shard.index, leaf.shape)], shard.data))
+        elif jax.process_index() == 0:
+            found.append((i, 0, np.asarray(leaf)))
+    for _, _, data in found:  # start every device-to-host transfer before waiting on any
+        if isinstance(data, jax.Array):
+            data.copy_to_host_async()
+    # A real copy, never a view: the training loop may donate or overwrite the device buffers next step.
+    with concurrent.futures.ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        arrays = list(pool.map(lambda f: np.array(f[2], copy=True), found))
+    return [_Piece(i, j, a) for (i, j, _), a in zip(found, arrays, strict=True)]
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process reaches `name`; safe from a background thread (no device computation)."""
+    if jax.process_count() == 1:
+        return
+    # The coordination service barrier is what jax's own array serialization uses from its writer threads;
+    # sync_global_devices would launch a collective that could interleave with the training step's.
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=_BARRIER_TIMEOUT_MS)
+
+
+def _write_checkpoint(
+    store: _Store,
+    directory: str,
+    pieces: Iterable[_Piece],
+    records: list[dict],
+    metadata: dict,
+    barrier_name: str,
+) -> None:
+    """Write this process's pieces, wait for every process, then (process 0) the metadata and the marker."""
+
+    def write_piece(p: _Piece) -> None:
+        chunks = _encode_piece(
+            p.array, records[p.leaf]["path"], tuple(map(tuple, records[p.leaf]["boxes"][p.piece]))
+        )
+        store.write(_join(directory, _piece_name(p.leaf, p.piece)), chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(_WRITE_THREADS) as pool:
+        # At most a few pieces in flight: `pieces` may be a generator reading from another checkpoint.
+        pending: set[concurrent.futures.Future] = set()
+        for piece in pieces:
+            if len(pending) >= _WRITE_THREADS:
+                done, pending = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for f in done:
+                    f.result()
+            pending.add(pool.submit(write_piece, piece))
+        for f in concurrent.futures.as_completed(pending):
+            f.result()
+    _barrier(barrier_name)
+    if jax.process_index() == 0:
+        body = dict(metadata, format=FORMAT, leaves=records)
+        store.write(_join(directory, METADATA_FILE), [json.dumps(body, indent=1).encode()])
+        store.sync_dir(directory)
+        store.write(_join(directory, COMMIT_MARKER), [b""])
+        store.sync_dir(directory)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading and resharding.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_metadata(store: _Store, directory: str) -> dict:
+    where = store.describe(_join(directory, METADATA_FILE))
+    if not store.exists(_join(directory, COMMIT_MARKER)):
+        raise CheckpointError(f"{store.describe(directory)}: not a committed checkpoint (no {COMMIT_MARKER})")
+    try:
+        meta = json.loads(store.read(_join(directory, METADATA_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: missing; the checkpoint is damaged") from None
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("leaves"), list):
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{where}: format {fmt!r}, expected {FORMAT!r}")
+    return meta
+
+
+def _overlap(a: Box, b: Box) -> Box | None:
+    box = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(a, b, strict=True))
+    return box if all(lo < hi for lo, hi in box) else None
+
+
+class _PieceReader:
+    """Reads the saved pieces of one leaf, keeping only the most recent one in memory."""
+
+    def __init__(self, store: _Store, directory: str, leaf_index: int, record: dict) -> None:
+        self.store, self.directory, self.leaf_index, self.record = store, directory, leaf_index, record
+        self.boxes: list[Box] = [tuple(tuple(b) for b in box) for box in record["boxes"]]
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def piece(self, j: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != j:
+            self._cached = None  # drop the previous piece before reading the next: one piece at a time
+            name = _join(self.directory, _piece_name(self.leaf_index, j))
+            where = self.store.describe(name)
+            try:
+                raw = self.store.read(name)
+            except FileNotFoundError:
+                raise CheckpointError(
+                    f"{where}: missing (piece {self.boxes[j]} of {self.record['path']}); checkpoint damaged"
+                ) from None
+            self._cached = (
+                j,
+                _decode_piece(raw, where, self.record["path"], self.boxes[j], self.record["dtype"]),
+            )
+        return self._cached[1]
+
+    def read_box(self, box: Box, dtype: np.dtype) -> np.ndarray:
+        """The values inside `box`, assembled from the saved pieces that overlap it, cast to `dtype`."""
+        covering = [j for j, b in enumerate(self.boxes) if _overlap(b, box) is not None]
+        if len(covering) == 1 and self.boxes[covering[0]] == box:
+            return self.piece(covering[0]).astype(dtype, copy=False)
+        out = np.empty([hi - lo for lo, hi in box], dtype=dtype)
+        for j in covering:
+            inter = _overlap(self.boxes[j], box)
+            src = tuple(
+                slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, self.boxes[j], strict=True)
+            )
+            dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
+            out[dst] = self.piece(j)[src]
+        return out
+
+
+def _target_sharding(target: Any) -> Any:
+    sharding = getattr(target, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return sharding
+
+
+def _restore_leaf(store: _Store, directory: str, i: int, record: dict, target: Any, dtype: np.dtype) -> Any:
+    """One leaf placed with the target's sharding; each distinct slice is read from disk once."""
+    reader = _PieceReader(store, directory, i, record)
+    shape = tuple(record["shape"])
+    if not isinstance(target, jax.Array | jax.ShapeDtypeStruct):  # a host value (numpy scalar) stays on host
+        return reader.read_box(tuple((0, n) for n in shape), dtype)
+    sharding = _target_sharding(target)
+    try:
+        index_map = sharding.addressable_devices_indices_map(shape)
+    except ValueError as e:
+        raise CheckpointError(
+            f"leaf {record['path']} of shape {shape} cannot be placed on the target mesh: {e}"
+        ) from None
+    by_box: dict[Box, list] = {}
+    for device, index in index_map.items():
+        by_box.setdefault(_box(index, shape), []).append(device)
+    arrays = []
+    for box, devices in sorted(by_box.items()):
+        host = reader.read_box(box, dtype)
+        arrays.extend((device, jax.device_put(host, device)) for device in devices)
+        del host
+    order = {d: k for k, d in enumerate(index_map)}
+    arrays.sort(key=lambda pair: order[pair[0]])
+    return jax.make_array_from_single_device_arrays(shape, sharding, [a for _, a in arrays])
+
+
+def _restore_tree(
+    store: _Store,
+    directory: str,
+    meta: dict,
+    target: Any,
+    *,
+    prefix: str = "",
+    cast: bool,
+) -> Any:
+    """Leaves of `meta` under `prefix`, matched to `target` by tree path, placed with the target shardings."""
+    where = store.describe(directory)
+    saved = {
+        r["path"][len(prefix) :]: (i, r) for i, r in enumerate(meta["leaves"]) if r["path"].startswith(prefix)
+    }
+    flat, treedef = jax.tree_util.tree_flatten_with_path(target)
+    wanted = {jax.tree_util.keystr(p) for p, _ in flat}
+    missing = [jax.tree_util.keystr(p) for p, _ in flat if jax.tree_util.keystr(p) not in saved]
+    if missing:
+        slim = all(r["path"].startswith(PARAMS_PREFIX) for r in meta["leaves"]) and not prefix
+        hint = (
+            " (a params-only slim checkpoint: load it with load_params / --tune-model-path)" if slim else ""
+        )
+        raise CheckpointError(
+            f"{where}: has no {prefix}{missing[0]} ({len(missing)} leaves of the target missing){hint}"
+        )
+    unexpected = sorted(set(saved) - wanted)
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: holds {prefix}{unexpected[0]}, which the target lacks ({len(unexpected)} extra); "
+            "it was saved from a different model or state structure"
+        )
+    leaves = []
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        i, record = saved[name]
+        shape = tuple(np.shape(leaf))
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+        if tuple(record["shape"]) != shape:
+            raise CheckpointError(
+                f"{where}: {record['path']} has shape {tuple(record['shape'])}, the target expects {shape} "
+                "(a checkpoint of another model shape?)"
+            )
+        if not cast and record["dtype"] != dtype.name:
+            raise CheckpointError(
+                f"{where}: {record['path']} is {record['dtype']}, the target expects {dtype.name}"
+            )
+        leaves.append(_restore_leaf(store, directory, i, record, leaf, dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves train states under `model_dir/step_{N}` in the background and restores the newest one.
+
+    At most one save is in flight: `save` first waits for the previous one, so the extra host memory is
+    bounded by one copy of the replica-0 shards this process holds. Retention keeps the newest `keep_n`
+    committed steps plus every step divisible by `keep_every`.
+    """
+
+    def __init__(self, model_dir: str, *, keep_n: int = 3, keep_every: int | None = None) -> None:
+        if keep_n < 1:
+            raise CheckpointError(f"keep_n={keep_n}: expected at least 1 checkpoint to keep")
+        if keep_every is not None and keep_every < 1:
+            raise CheckpointError(f"keep_every={keep_every}: expected a positive step interval or None")
+        self.model_dir = model_dir
+        self.keep_n, self.keep_every = keep_n, keep_every
+        self._store = _Store.open(model_dir)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._saves = 0  # makes every barrier name unique within this process's lifetime
+        self.last_blocked_s = 0.0  # how long the last `save` held up its caller
+
+    def save(self, step: int, state: Any, extra: dict) -> None:
+        """Start saving `state` as step `step`; returns once host copies are taken. `extra` must be JSON."""
+        started = time.perf_counter()
+        self.wait()
+        try:
+            extra_json = json.loads(json.dumps(extra))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint extra for step {step} is not JSON-serialisable: {e}") from None
+        if step in self.committed_steps():
+            return  # already durable; rewriting a committed checkpoint could only risk damaging it
+        flat, _ = jax.tree_util.tree_flatten_with_path(state)
+        records = _describe_leaves(flat)
+        pieces = _host_pieces([leaf for _, leaf in flat], records)
+        self._saves += 1
+        barrier = f"checkpoint:{self.model_dir}:{step}:{self._saves}"
+        metadata = {"step": int(step), "extra": extra_json, "process_count": jax.process_count()}
+        self._thread = threading.Thread(
+            target=self._write, args=(step, pieces, records, metadata, barrier), name=f"checkpoint-{step}"
+        )
+        self._thread.start()
+        self.last_blocked_s = time.perf_counter() - started
+
+    def _write(
+        self, step: int, pieces: list[_Piece], records: list[dict], metadata: dict, barrier: str
+    ) -> None:
+        try:
+            _write_checkpoint(self._store, f"step_{step}", pieces, records, metadata, barrier)
+            del pieces
+            if jax.process_index() == 0:
+                self._apply_retention()
+        except BaseException as e:  # re-raised in the caller's thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the pending save is committed; raise CheckpointError if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint to {self.model_dir} failed: {error}") from error
+
+    def _step_dirs(self) -> dict[int, str]:
+        return {int(m.group(1)): d for d in self._store.subdirs() if (m := _STEP_DIR.match(d))}
+
+    def committed_steps(self) -> list[int]:
+        """Every committed step in model_dir, oldest first."""
+        dirs = self._step_dirs()
+        return sorted(s for s, d in dirs.items() if self._store.exists(f"{d}/{COMMIT_MARKER}"))
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when model_dir holds none."""
+        for step, d in sorted(self._step_dirs().items(), reverse=True):
+            if self._store.exists(f"{d}/{COMMIT_MARKER}"):
+                return step
+        return None
+
+    def _apply_retention(self) -> None:
+        dirs = self._step_dirs()
+        committed = [s for s in sorted(dirs) if self._store.exists(f"{dirs[s]}/{COMMIT_MARKER}")]
+        keep = set(committed[-self.keep_n :])
+        if self.keep_every:
+            keep |= {s for s in committed if s % self.keep_every == 0}
+        newest = committed[-1] if committed else -1
+        for step, d in dirs.items():
+            # Older uncommitted directories are leftovers of interrupted saves; newer ones may be in flight.
+            if step not in keep and step < newest:
+                self._store.delete(f"{d}/{COMMIT_MARKER}")  # uncommit first: never a half-deleted checkpoint
+                self._store.delete_dir(d)
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+        """The state saved at `step` (default: newest committed) placed like `target`, and its `extra`.
+
+        `target` is the state's structure: a pytree of jax.ShapeDtypeStruct with NamedShardings (or arrays).
+        """
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"{self.model_dir}: holds no committed checkpoint to restore")
+        directory = f"step_{step}"
+        meta = _read_metadata(self._store, directory)
+        return _restore_tree(self._store, directory, meta, target, cast=False), meta["extra"]
+
+
+def _resolve(path: str) -> tuple[_Store, str]:
+    """A checkpoint directory, or the newest committed step of a model_dir, as (store, subdirectory)."""
+    store = _Store.open(path)
+    if store.exists(METADATA_FILE) or store.exists(COMMIT_MARKER):
+        return store, ""
+    step = CheckpointManager(path).latest_step()
+    if step is None:
+        raise CheckpointError(
+            f"{path}: no checkpoint found; expected a checkpoint directory holding {METADATA_FILE} "
+            "or a model_dir holding committed step_N/ checkpoints"
+        )
+    return store, f"step_{step}"
+
+
+def save_params(path: str, params: Any, dtype: Any = None) -> None:
+    """Write `params` alone (cast to `dtype` if given) as a committed checkpoint directory at `path`."""
+    store = _Store.open(path)
+    if store.exists(COMMIT_MARKER):
+        raise CheckpointError(
+            f"{path}: already holds a checkpoint; choose a new path rather than overwrite it"
+        )
+    target_dtype = None if dtype is None else _np_dtype(np.dtype(dtype).name)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    records = _describe_leaves(flat)
+    for r in records:
+        r["path"] = PARAMS_PREFIX + r["path"]
+        if target_dtype is not None:
+            r["dtype"] = target_dtype.name
+    pieces = _host_pieces([leaf for _, leaf in flat], records)
+    if target_dtype is not None:
+        pieces = [_Piece(p.leaf, p.piece, p.array.astype(target_dtype)) for p in pieces]
+    meta = {"step": None, "extra": {}, "process_count": jax.process_count()}
+    _write_checkpoint(store, "", pieces, records, meta, f"save_params:{path}")
+
+
+def load_params(path: str, target: Any) -> Any:
+    """Params out of a full or slim checkpoint (or a model_dir's newest), cast and placed like `target`."""
+    store, directory = _resolve(path)
+    meta = _read_metadata(store, directory)
+    return _restore_tree(store, directory, meta, target, prefix=PARAMS_PREFIX, cast=True)
+
+
+def slim_checkpoint(
+    src: str, dst: str, dtype: str = "bfloat16", on_leaf: Callable[[str], None] | None = None
+) -> int:
+    """Copy the params of checkpoint `src` to `dst` cast to `dtype`, piece by piece; returns bytes written."""
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise CheckpointError(f"slim dtype {dtype!r}: expected bfloat16, float16 or float32")
+    store, directory = _resolve(src)
+    meta = _read_metadata(store, directory)
+    out = _Store.open(dst)
+    if out.exists(COMMIT_MARKER):
+        raise CheckpointError(
+            f"{dst}: already holds a checkpoint; choose a new path rather than overwrite it"
+        )
+    params = [(i, r) for i, r in enumerate(meta["leaves"]) if r["path"].startswith(PARAMS_PREFIX)]
+    if not params:
+        raise CheckpointError(f"{store.describe(directory)}: holds no {PARAMS_PREFIX} leaves to slim")
+    records = [
+        dict(r, dtype=dtype if np.issubdtype(_np_dtype(r["dtype"]), np.floating) else r["dtype"])
+        for _, r in params
+    ]
+    written = [0]
+
+    def pieces() -> Iterable[_Piece]:
+        for k, (i, record) in enumerate(params):
+            if on_leaf is not None:
+                on_leaf(record["path"])
+            reader = _PieceReader(store, directory, i, record)
+            for j in range(len(reader.boxes)):
+                array = reader.piece(j).astype(_np_dtype(records[k]["dtype"]))
+                written[0] += array.nbytes
+                yield _Piece(k, j, array)
+
+    step_meta = {"step": meta.get("step"), "extra": meta.get("extra", {}), "process_count": 1}
+    _write_checkpoint(out, "", pieces(), records, step_meta, f"slim:{dst}")
+    return written[0]
