@@ -438,13 +438,19 @@ def _write_checkpoint(
             pending.add(pool.submit(write_piece, piece))
         for f in concurrent.futures.as_completed(pending):
             f.result()
-    _barrier(barrier_name)
-    if jax.process_index() == 0:
-        body = dict(metadata, format=FORMAT, leaves=records)
-        store.write(_join(directory, METADATA_FILE), [json.dumps(body, indent=1).encode()])
-        store.sync_dir(directory)
-        store.write(_join(directory, COMMIT_MARKER), [b""])
-        store.sync_dir(directory)
+    _barrier(barrier_name + ":written")
+    try:
+        if jax.process_index() == 0:
+            body = dict(metadata, format=FORMAT, leaves=records)
+            store.write(_join(directory, METADATA_FILE), [json.dumps(body, indent=1).encode()])
+            store.sync_dir(directory)
+            store.write(_join(directory, COMMIT_MARKER), [b""])
+            store.sync_dir(directory)
+    finally:
+        # Every process returns only once the marker is down (or its write failed): `wait` means committed.
+        _barrier(barrier_name + ":committed")
+    if jax.process_index() != 0 and not store.exists(_join(directory, COMMIT_MARKER)):
+        raise CheckpointError(f"{store.describe(directory)}: process 0 failed to commit the checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------------
