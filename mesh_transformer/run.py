@@ -53,7 +53,8 @@ def describe(config: Config) -> str:
         f"mesh: dp={config.dp} x mp={config.mp} ({config.tpu_size} devices)",
         f"parameters: {param_count(params):,}",
         f"tokens per step: {config.tokens_per_step:,} "
-        f"({config.global_batch} sequences x {config.gradient_accumulation_steps} accumulation x {config.seq})",
+        f"({config.global_batch} sequences x {config.gradient_accumulation_steps} accumulated"
+        f" x {config.seq} tokens)",
         "memory per device (estimate):",
         f"  params      {mem.params / GiB:8.2f} GiB",
         f"  optimizer   {mem.optimizer / GiB:8.2f} GiB",
@@ -127,14 +128,15 @@ def train(config: Config, options: RunOptions) -> dict:
             if config.val_batches and ((step + 1) % config.val_every == 0 or step + 1 == end_step):
                 metrics["val/loss"] = validation_loss(trainer, state, dataset_dir, config)
             log.write(metrics)
-            bar.update(1)
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3f}",
                 lr=f"{metrics['lr']:.2e}",
                 gnorm=f"{metrics['grad_norm']:.2f}",
                 tok_s=f"{tokens_per_sec:,.0f}",
                 mfu=f"{metrics['mfu']:.1%}",
+                refresh=False,
             )
+            bar.update(1)
     finally:
         bar.close()
         log.close()
