@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from mesh_transformer.errors import UserError
+
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
 FORMAT = "mesh-transformer-tokens"
@@ -36,7 +38,7 @@ SKIP_REASONS = ("bad_json", "missing_text", "invalid_utf8", "empty")
 CHUNK_CHARS = 1 << 20
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem the user caused (missing path, corrupt file, unusable tokenizer); the message is one line."""
 
 
