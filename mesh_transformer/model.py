@@ -4,7 +4,11 @@ Each block is `x + Attn(LN(x)) + MLP(LN(x))` with interleaved partial rotary emb
 with bias, and float32 softmax/LayerNorm. Layers are stacked (`hk.layer_stack`) so that a 28-layer model
 compiles once per layer, not 28 times. Model code names logical axes only; `sharding` maps them to the mesh.
 
-Shape suffixes: B batch, T sequence, D d_model, H heads, K head dim, F d_ff, V vocab, L layers.
+With a `KVCache` the same modules run incrementally for generation: keys and values of new tokens are
+written into the cache and attention reads every cached slot (see `GPTJ.__call__`).
+
+Shape suffixes: B batch, T sequence, S cache slots, D d_model, H heads, K head dim, F d_ff, V vocab,
+L layers.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ class ModelShape(NamedTuple):
 
 
 def rotary_sin_cos(positions_T: jax.Array, rotary_dims: int) -> tuple[jax.Array, jax.Array]:
-    """sin/cos tables (T, rotary_dims), each frequency repeated for an adjacent pair of dims."""
+    """sin/cos tables (T, rotary_dims), each frequency repeated for an adjacent pair of dims.
+
+    Positions may carry leading dims, e.g. (B, T) when each row of a batch starts at its own offset."""
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, rotary_dims, 2, dtype=np.float32) / rotary_dims))
-    angles_TR = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, rot/2)
+    angles_TR = positions_T.astype(jnp.float32)[..., None] * inv_freq  # (..., T, rot/2)
     sin, cos = jnp.sin(angles_TR), jnp.cos(angles_TR)
     return jnp.repeat(sin, 2, axis=-1), jnp.repeat(cos, 2, axis=-1)
 
@@ -61,7 +67,7 @@ def rotate_every_two(x: jax.Array) -> jax.Array:
 def apply_rotary(x_BTHK: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array) -> jax.Array:
     rot = sin_TR.shape[-1]
     x_rot, x_pass = x_BTHK[..., :rot], x_BTHK[..., rot:]
-    sin, cos = sin_TR[:, None, :], cos_TR[:, None, :]  # broadcast over heads
+    sin, cos = sin_TR[..., None, :], cos_TR[..., None, :]  # broadcast over heads
     x_rot = x_rot * cos + rotate_every_two(x_rot) * sin
     return jnp.concatenate([x_rot, x_pass], axis=-1)
 
@@ -92,6 +98,33 @@ def layer_norm(name: str):
     return hk.LayerNorm(axis=-1, create_scale=True, create_offset=True, eps=1e-5, name=name)
 
 
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S slots. Row b's first `pad_B[b]` slots are padding (prompts are
+    left-aligned to a common length), so slot j holds position j - pad_B[b]; a forward pass writes its T
+    tokens at slots [write_index, write_index + T), the same slots in every row."""
+
+    k_LBSHK: jax.Array
+    v_LBSHK: jax.Array
+    pad_B: jax.Array  # int32
+    write_index: jax.Array  # int32 scalar
+
+    @classmethod
+    def empty(cls, shape: ModelShape, pad_B: jax.Array, slots: int) -> KVCache:
+        kv_shape = (shape.layers, pad_B.shape[0], slots, shape.n_heads, shape.head_dim)
+        zeros = jnp.zeros(kv_shape, jnp.dtype(shape.compute_dtype))
+        return cls(zeros, zeros, pad_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class _LayerCache(NamedTuple):
+    """What one layer of the stack needs of the cache: all layers' k/v (updated in place), its index."""
+
+    k_LBSHK: jax.Array
+    v_LBSHK: jax.Array
+    layer: jax.Array
+    write_index: jax.Array
+    mask_B1TS: jax.Array  # which slots each new token may attend to
+
+
 class Block(hk.Module):
     """One GPT-J layer: a shared LayerNorm feeding attention and MLP in parallel."""
 
@@ -99,7 +132,10 @@ class Block(hk.Module):
         super().__init__(name=name)
         self.s = shape
 
-    def __call__(self, x_BTD: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BTD: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array, cache: _LayerCache | None = None
+    ) -> jax.Array | tuple[jax.Array, _LayerCache]:
+        """x_BTD -> x_BTD; with a cache, (x_BTD, the cache holding this layer's new keys and values)."""
         s = self.s
         fan_in = 1.0 / math.sqrt(s.d_model)
         out_std = (2.0 / s.layers) / math.sqrt(s.d_model)
@@ -121,14 +157,24 @@ class Block(hk.Module):
         k_BTHK = apply_rotary(k_BTHK, sin_TR, cos_TR)
 
         cd = jnp.dtype(s.compute_dtype)
+        if cache is None:
+            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+            mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # causal, (T, S) with S = T
+        else:
+            at = (cache.layer, 0, cache.write_index, 0, 0)
+            k_LBSHK = jax.lax.dynamic_update_slice(cache.k_LBSHK, k_BTHK[None].astype(cd), at)
+            v_LBSHK = jax.lax.dynamic_update_slice(cache.v_LBSHK, v_BTHK[None].astype(cd), at)
+            cache = cache._replace(k_LBSHK=k_LBSHK, v_LBSHK=v_LBSHK)
+            k_BSHK = constrain(k_LBSHK[cache.layer], ("batch", "seq", "heads", None))
+            v_BSHK = constrain(v_LBSHK[cache.layer], ("batch", "seq", "heads", None))
+            mask = cache.mask_B1TS
         scores_BHTS = jnp.einsum(
-            "bthk,bshk->bhts", q_BTHK.astype(cd), k_BTHK.astype(cd), preferred_element_type=jnp.float32
+            "bthk,bshk->bhts", q_BTHK.astype(cd), k_BSHK.astype(cd), preferred_element_type=jnp.float32
         ) / math.sqrt(s.head_dim)
-        causal_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores_BHTS = jnp.where(causal_TS, scores_BHTS, jnp.finfo(jnp.float32).min)
+        scores_BHTS = jnp.where(mask, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
         attn_BTHK = jnp.einsum(
-            "bhts,bshk->bthk", probs_BHTS.astype(cd), v_BTHK.astype(cd), preferred_element_type=jnp.float32
+            "bhts,bshk->bthk", probs_BHTS.astype(cd), v_BSHK.astype(cd), preferred_element_type=jnp.float32
         )
         attn_BTD = attn_BTHK.reshape(B, T, s.d_model)
         attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(
@@ -140,17 +186,23 @@ class Block(hk.Module):
         ff_BTF = constrain(jax.nn.gelu(ff_BTF, approximate=True), ("batch", "seq", "mlp"))
         ff_BTD = Dense(s.d_model, stddev=out_std, bias=True, dtype=s.compute_dtype, name="fc_out")(ff_BTF)
 
-        return constrain(x_BTD + attn_BTD + ff_BTD, ("batch", "seq", "embed"))
+        x_BTD = constrain(x_BTD + attn_BTD + ff_BTD, ("batch", "seq", "embed"))
+        return x_BTD if cache is None else (x_BTD, cache)
 
 
 class GPTJ(hk.Module):
-    """Token ids (B, T) -> float32 logits (B, T, V)."""
+    """Token ids (B, T) -> float32 logits (B, T, V).
+
+    With a `KVCache`: the T tokens continue each row's cached context; returns the next-token logits
+    after the last of them (B, V) and the cache holding them too."""
 
     def __init__(self, shape: ModelShape, name: str = "gptj"):
         super().__init__(name=name)
         self.s = shape
 
-    def __call__(self, tokens_BT: jax.Array) -> jax.Array:
+    def __call__(
+        self, tokens_BT: jax.Array, cache: KVCache | None = None
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
         s = self.s
         wte_VD = hk.get_parameter(
             "embeddings",
@@ -160,25 +212,50 @@ class GPTJ(hk.Module):
         )
         wte_VD = constrain(wte_VD, ("vocab", "embed"))
         x_BTD = constrain(jnp.take(wte_VD, tokens_BT, axis=0), ("batch", "seq", "embed"))
-        sin_TR, cos_TR = rotary_sin_cos(jnp.arange(tokens_BT.shape[1]), s.rotary_dims)
+        T = tokens_BT.shape[1]
 
-        def layer(x):
-            return Block(s, name="block")(x, sin_TR, cos_TR)
+        if cache is None:
+            sin_TR, cos_TR = rotary_sin_cos(jnp.arange(T), s.rotary_dims)
 
-        if s.remat == "layer":
-            layer = hk.remat(layer)
-        x_BTD = hk.layer_stack(s.layers, name="layers")(layer)(x_BTD)
+            def layer(x):
+                return Block(s, name="block")(x, sin_TR, cos_TR)
+
+            if s.remat == "layer":
+                layer = hk.remat(layer)
+            x_BTD = hk.layer_stack(s.layers, name="layers")(layer)(x_BTD)
+        else:
+            slot_T = cache.write_index + jnp.arange(T)
+            sin_BTR, cos_BTR = rotary_sin_cos(slot_T[None, :] - cache.pad_B[:, None], s.rotary_dims)
+            # A new token sees the real (non-padding) slots up to and including its own.
+            slot_S = jnp.arange(cache.k_LBSHK.shape[2])
+            mask_B1TS = (slot_S[None, None, None, :] <= slot_T[None, None, :, None]) & (
+                slot_S[None, None, None, :] >= cache.pad_B[:, None, None, None]
+            )
+
+            def cached_layer(carry, index):
+                x_BTD, k_LBSHK, v_LBSHK = carry
+                layer_cache = _LayerCache(k_LBSHK, v_LBSHK, index, cache.write_index, mask_B1TS)
+                x_BTD, layer_cache = Block(s, name="block")(x_BTD, sin_BTR, cos_BTR, layer_cache)
+                return (x_BTD, layer_cache.k_LBSHK, layer_cache.v_LBSHK), None
+
+            stack = hk.layer_stack(s.layers, with_per_layer_inputs=True, name="layers")
+            carry = (x_BTD, cache.k_LBSHK, cache.v_LBSHK)
+            (x_BTD, k_LBSHK, v_LBSHK), _ = stack(cached_layer)(carry, jnp.arange(s.layers))
+            cache = cache._replace(k_LBSHK=k_LBSHK, v_LBSHK=v_LBSHK, write_index=cache.write_index + T)
+            x_BTD = x_BTD[:, -1:]  # only the next-token logits are wanted: the head runs on one position
 
         x_BTD = layer_norm("ln_f")(x_BTD)
         logits_BTV = Dense(
             s.n_vocab, stddev=1.0 / math.sqrt(s.d_model), bias=True, dtype=s.compute_dtype, name="lm_head"
         )(x_BTD)
-        return constrain(logits_BTV, ("batch", "seq", "vocab"))
+        logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"))
+        return logits_BTV if cache is None else (logits_BTV[:, 0], cache)
 
 
 def build(shape: ModelShape) -> hk.Transformed:
-    """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV."""
-    return hk.transform(lambda tokens_BT: GPTJ(shape)(tokens_BT))
+    """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV, and
+    apply(params, None, tokens_BT, cache) -> (next-token logits_BV, cache) for generation."""
+    return hk.transform(lambda tokens_BT, cache=None: GPTJ(shape)(tokens_BT, cache))
 
 
 def param_count(params) -> int:
