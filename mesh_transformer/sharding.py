@@ -117,6 +117,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+# Generation's KV cache (layers, batch, slots, heads, head_dim) splits like attention: heads over `mp`.
+KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", "seq", "heads", None)
+
+
+def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, spec_for(KV_CACHE_AXES, TENSOR_PARALLEL_RULES))
+
+
+def row_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Per-row arrays of generation (tokens, sampling settings, PRNG keys): rows split over `dp`."""
+    return NamedSharding(mesh, PartitionSpec(DP, *([None] * (ndim - 1))))
+
+
 # ----- activation constraints, active only while a mesh is installed with `activation_sharding` -----
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, str | None]] | None] = contextvars.ContextVar(
