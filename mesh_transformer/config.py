@@ -67,6 +67,7 @@ class Config:
     tokenizer: str = ""  # tokenizer.json used with raw text data; "" = GPT-2 BPE padded to n_vocab
     shard_optimizer_over_dp: bool = False  # ZeRO-1: optimizer state also split over the `dp` axis
     shard_params_over_dp: bool = False  # ZeRO-3: params also split over `dp`, gathered per layer
+    tensorboard: bool = False  # also write TensorBoard event files to {model_dir}/tensorboard
 
     # ----- derived values -----
     @property
