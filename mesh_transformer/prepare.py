@@ -239,10 +239,48 @@ def _encodable(text: str) -> bool:
         return False
 
 
+class _ZstdStream(io.RawIOBase):
+    """Decompresses concatenated zstd frames; unlike zstandard's stream_reader, a truncated last frame
+    is an error rather than a silently shorter file."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.frame = zstandard.ZstdDecompressor().decompressobj()
+        self.in_frame = False
+        self.pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not len(self.pending):
+            compressed = self.raw.read(1 << 20)
+            if not compressed:
+                if self.in_frame:
+                    raise zstandard.ZstdError("truncated: the last frame is incomplete")
+                return 0
+            self.pending = memoryview(self._decompress(compressed))
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _decompress(self, compressed: bytes) -> bytes:
+        out = []
+        while compressed:
+            out.append(self.frame.decompress(compressed))
+            self.in_frame = True
+            if not self.frame.eof:
+                break
+            compressed = self.frame.unused_data
+            self.frame = zstandard.ZstdDecompressor().decompressobj()
+            self.in_frame = False
+        return b"".join(out)
+
+
 def _decompressed(raw: Any, lower: str) -> io.BufferedIOBase:
     if lower.endswith(".zst"):
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
     if lower.endswith(".gz"):
         return io.BufferedReader(gzip.GzipFile(fileobj=raw), buffer_size=1 << 20)
     return io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
@@ -377,18 +415,33 @@ def _in_validation(doc_ids: np.ndarray, seed: int, fraction: float) -> np.ndarra
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
 
 
-def _chunks(sources: list[_Source], skips: SkipCounter) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    size = 0
-    for source in sources:
-        for text in source.documents(skips):
-            chunk.append(text)
-            size += len(text)
-            if size >= CHUNK_CHARS:
-                yield chunk
-                chunk, size = [], 0
-    if chunk:
-        yield chunk
+class _Reading:
+    """Reads the sources in order, in chunks of documents; `position` counts raw bytes read so far."""
+
+    def __init__(self, files: list[tuple[str, int]]):
+        self.files = files
+        self.finished_bytes = 0
+        self.current: _Source | None = None
+
+    @property
+    def position(self) -> int:
+        return self.finished_bytes + (self.current.position if self.current else 0)
+
+    def chunks(self, skips: SkipCounter) -> Iterator[list[str]]:
+        chunk: list[str] = []
+        size = 0
+        for path, size in self.files:
+            source = self.current = _Source(path)
+            for text in source.documents(skips):
+                chunk.append(text)
+                size += len(text)
+                if size >= CHUNK_CHARS:
+                    yield chunk
+                    chunk, size = [], 0
+            self.finished_bytes += size
+            self.current = None
+        if chunk:
+            yield chunk
 
 
 def _encoded(chunks: Iterator[list[str]], workers: int, tokenizer_json: str, eos: int) -> Iterator[Any]:
@@ -511,54 +564,68 @@ def prepare_dataset(
     return index
 
 
+class _Packer:
+    """Sends each document to the train or validation stream, in order, as a seeded hash of its number says.
+
+    The latest train document is held back until the next one arrives, so that a corpus too small for the
+    hash to pick any validation document can still give its last document to validation.
+    """
+
+    def __init__(self, work: str, dtype: np.dtype, shard_tokens: int, seed: int, val_fraction: float):
+        self.train = _SplitWriter(work, "train", dtype, shard_tokens)
+        self.validation = _SplitWriter(work, "validation", dtype, shard_tokens)
+        self.seed, self.val_fraction, self.dtype = seed, val_fraction, dtype
+        self.documents = 0
+        self.held_back = np.zeros(0, dtype)
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        to_val = _in_validation(
+            np.arange(self.documents, self.documents + len(lengths)), self.seed, self.val_fraction
+        )
+        self.documents += len(lengths)
+        token_to_val = np.repeat(to_val, lengths)
+        if to_val.any():
+            self.validation.write(tokens[token_to_val])
+            self.validation.documents += int(to_val.sum())
+        train_lengths = lengths[~to_val]
+        if len(train_lengths):
+            train_tokens = tokens[~token_to_val]
+            cut = len(train_tokens) - int(train_lengths[-1])
+            self.train.write(self.held_back)
+            self.train.write(train_tokens[:cut])
+            self.held_back = train_tokens[cut:].astype(self.dtype)
+            self.train.documents += len(train_lengths)
+
+    def close(self) -> dict[str, Any]:
+        if self.validation.documents == 0 and self.train.documents >= 2 and self.val_fraction > 0:
+            self.train.documents -= 1
+            self.validation.documents += 1
+            self.validation.write(self.held_back)
+        else:
+            self.train.write(self.held_back)
+        return {"train": self.train.close(), "validation": self.validation.close()}
+
+
 def _write_splits(
     files, work, tokenizer_json, eos, dtype, val_fraction, workers, seed, strict, shard_tokens, progress
 ) -> dict:
     from tqdm import tqdm
 
     skips = SkipCounter(strict)
-    sources = [_Source(p) for p, _ in files]
-    splits = {name: _SplitWriter(work, name, dtype, shard_tokens) for name in ("train", "validation")}
-    bar = tqdm(
-        total=sum(s for _, s in files), unit="B", unit_scale=True, desc="preparing", disable=not progress
-    )
-    done_bytes = dict.fromkeys(range(len(sources)), 0)
-    next_doc = 0
-    held_back = np.zeros(0, dtype)  # the latest train document, kept so it can become validation at the end
-    for tokens, lengths in _encoded(_chunks(sources, skips), workers, tokenizer_json, eos):
-        doc_ids = np.arange(next_doc, next_doc + len(lengths))
-        next_doc += len(lengths)
-        to_val = _in_validation(doc_ids, seed, val_fraction)
-        token_to_val = np.repeat(to_val, lengths)
-        if to_val.any():
-            splits["validation"].write(tokens[token_to_val])
-            splits["validation"].documents += int(to_val.sum())
-        train_lengths = lengths[~to_val]
-        if len(train_lengths):
-            train_tokens = tokens[~token_to_val]
-            cut = len(train_tokens) - int(train_lengths[-1])
-            splits["train"].write(held_back)
-            splits["train"].write(train_tokens[:cut])
-            held_back = train_tokens[cut:].astype(dtype)
-            splits["train"].documents += len(train_lengths)
-        for i, s in enumerate(sources):
-            done_bytes[i] = max(done_bytes[i], s.position)
-        bar.update(sum(done_bytes.values()) - bar.n)
-    bar.update(bar.total - bar.n)
-    bar.close()
-    if splits["validation"].documents == 0 and splits["train"].documents >= 2 and val_fraction > 0:
-        splits["train"].documents -= 1
-        splits["validation"].documents += 1
-        splits["validation"].write(held_back)
-    else:
-        splits["train"].write(held_back)
-    index = {"format": FORMAT, "version": 1}
-    index["splits"] = {name: writer.close() for name, writer in splits.items()}
+    packer = _Packer(work, dtype, shard_tokens, seed, val_fraction)
+    reading = _Reading(files)
+    total = sum(s for _, s in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="preparing", disable=not progress) as bar:
+        for tokens, lengths in _encoded(reading.chunks(skips), workers, tokenizer_json, eos):
+            packer.add(tokens, lengths)
+            bar.update(min(reading.position, total) - bar.n)
+        bar.update(total - bar.n)
+    index: dict[str, Any] = {"format": FORMAT, "version": 1, "splits": packer.close()}
     index["documents"] = sum(s["documents"] for s in index["splits"].values())
     index["tokens"] = sum(s["tokens"] for s in index["splits"].values())
     index["skipped"] = skips.counts
     index["skipped_examples"] = skips.examples
-    index["input_bytes"] = sum(s for _, s in files)
+    index["input_bytes"] = total
     if index["documents"] == 0:
         skipped = ", ".join(f"{n} {r}" for r, n in skips.counts.items() if n) or "none skipped"
         raise DataError(f"no usable documents in the inputs ({len(files)} files; {skipped})")
