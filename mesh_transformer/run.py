@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -31,6 +32,9 @@ class RunOptions:
     progress: bool = True
     sample_prompt: str | None = None  # printed continuation after training; None = no sample
     sample_tokens: int = 64
+    # Called in every process with each step's metrics once they are logged; Ray actors report progress
+    # to the driver here (and tests inject faults), so they run this very loop rather than a copy of it.
+    on_step: Callable[[dict], None] | None = None
 
 
 def model_dir_for(config: Config, override: str | None) -> str:
@@ -137,6 +141,8 @@ def train(config: Config, options: RunOptions) -> dict:
                 refresh=False,
             )
             bar.update(1)
+            if options.on_step is not None:
+                options.on_step(metrics)
     finally:
         bar.close()
         log.close()
