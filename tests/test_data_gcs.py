@@ -1,0 +1,141 @@
+"""gs:// round trip against a local gcp-storage-emulator: prepare from and into a bucket, stream batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zstandard
+
+from mesh_transformer import data, prepare
+from mesh_transformer.data import DataError, Loader, validation_batches
+
+BUCKET = "corpus"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            BUCKET,
+            "-q",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("gcp-storage-emulator did not start") from None
+            time.sleep(0.1)
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    prepare.gcs_client.cache_clear()
+    yield
+    prepare.gcs_client.cache_clear()
+    if old is None:
+        del os.environ["STORAGE_EMULATOR_HOST"]
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = old
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def documents(n: int) -> list[str]:
+    rng = np.random.default_rng(4)
+    return [
+        f"doc {i}: " + " ".join(rng.choice(["sky", "sea", "sand", "été", "\n"], rng.integers(1, 40)))
+        for i in range(n)
+    ]
+
+
+def test_prepare_from_and_into_a_bucket_matches_local(tmp_path, emulator):
+    docs = documents(120)
+    lines = [(json.dumps({"text": d, "meta": {"pile_set_name": "test"}}) + "\n").encode() for d in docs]
+    local_in = tmp_path / "in"
+    local_in.mkdir()
+    (local_in / "00.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines[:60])))
+    (local_in / "01.jsonl").write_bytes(b"".join(lines[60:]))
+    tokenizer_path = str(tmp_path / "tokenizer.json")
+    prepare.train_tokenizer(iter(docs), 300).save(tokenizer_path)
+    for name in ("00.jsonl.zst", "01.jsonl"):
+        prepare.gcs_blob(f"gs://{BUCKET}/raw/{name}").upload_from_filename(str(local_in / name))
+    prepare.gcs_blob(f"gs://{BUCKET}/tokenizer.json").upload_from_filename(tokenizer_path)
+
+    options = dict(val_fraction=0.2, shard_tokens=150, seed=2)
+    remote = f"gs://{BUCKET}/prepared"
+    remote_index = data.prepare_dataset(
+        [f"gs://{BUCKET}/raw"], remote, tokenizer_path=f"gs://{BUCKET}/tokenizer.json", **options
+    )
+    local = str(tmp_path / "prepared")
+    local_index = data.prepare_dataset([str(local_in)], local, tokenizer_path=tokenizer_path, **options)
+    assert remote_index["documents"] == local_index["documents"] == 120
+    assert remote_index["splits"] == local_index["splits"]
+    assert len(remote_index["splits"]["train"]["shards"]) > 3
+
+    # Streamed from the bucket (ranged reads, rows straddling shards) = memory-mapped locally.
+    kwargs = dict(
+        seq=12, global_batch=4, gradient_accumulation_steps=2, seed=9, process_index=1, process_count=2
+    )
+    from_bucket, from_disk = Loader(remote, **kwargs), Loader(local, **kwargs)
+    for _ in range(5):
+        np.testing.assert_array_equal(next(from_bucket), next(from_disk))
+    resumed = Loader(remote, **kwargs)
+    resumed.load_state_dict(from_disk.state_dict())
+    np.testing.assert_array_equal(next(resumed), next(from_disk))
+    val_kwargs = dict(seq=12, global_batch=2, n_batches=2, process_index=0, process_count=1)
+    for a, b in zip(
+        validation_batches(remote, **val_kwargs), validation_batches(local, **val_kwargs), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert data.load_tokenizer(remote).get_vocab_size() == remote_index["vocab_size"]
+    assert (
+        data.resolve_training_data([remote], "unused", n_vocab=300, seq=12, tokenizer=None, seed=0) == remote
+    )
+
+    with pytest.raises(DataError, match="already holds a dataset"):
+        data.prepare_dataset([f"gs://{BUCKET}/raw"], remote, tokenizer_path=tokenizer_path)
+
+
+def test_bucket_errors_leave_no_index(tmp_path, emulator):
+    tokenizer_path = str(tmp_path / "tokenizer.json")
+    prepare.train_tokenizer(iter(documents(20)), 280).save(tokenizer_path)
+    prepare.gcs_blob(f"gs://{BUCKET}/bad/a.jsonl").upload_from_string(json.dumps({"text": "fine"}) + "\n")
+    prepare.gcs_blob(f"gs://{BUCKET}/bad/b.jsonl.zst").upload_from_string(b"\x28\xb5\x2f\xfd broken")
+    with pytest.raises(DataError, match=f"gs://{BUCKET}/bad/b.jsonl.zst: corrupt"):
+        data.prepare_dataset([f"gs://{BUCKET}/bad/*"], f"gs://{BUCKET}/out", tokenizer_path=tokenizer_path)
+    assert not prepare.path_exists(f"gs://{BUCKET}/out/index.json")
+    with pytest.raises(DataError, match=f"input not found: gs://{BUCKET}/nothing-here"):
+        data.prepare_dataset(
+            [f"gs://{BUCKET}/nothing-here"], str(tmp_path / "o"), tokenizer_path=tokenizer_path
+        )
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        Loader(f"gs://{BUCKET}/out", seq=4, global_batch=1, process_index=0, process_count=1)
