@@ -15,6 +15,7 @@ Layout of one checkpoint directory (`{model_dir}/step_{N}/`, or the path given t
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import os
@@ -42,6 +43,8 @@ PARAMS_PREFIX = ".params"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Writer threads per process: enough to overlap checksums, local writes and GCS round trips.
 _WRITE_THREADS = 4
+# Pieces a restore reads ahead of the one it is placing (each on its own thread).
+_READ_AHEAD = 2
 # How long a process waits for its peers to finish writing; past it the save fails and stays uncommitted.
 _BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 
@@ -69,6 +72,18 @@ class CheckpointError(ValueError):
 
 def _np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+# XLA's CPU client adopts host buffers aligned to this many bytes without copying them.
+_ALIGN = 64
+
+
+def _aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an `_ALIGN`-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -99,6 +114,13 @@ class _Store:
     def read(self, name: str) -> bytes:
         """The whole file; FileNotFoundError when it does not exist."""
         raise NotImplementedError
+
+    def read_aligned(self, name: str) -> np.ndarray:
+        """The whole file as uint8 starting on an `_ALIGN`-byte boundary; FileNotFoundError if absent."""
+        raw = self.read(name)
+        out = _aligned_empty((len(raw),), np.uint8)
+        out[:] = np.frombuffer(raw, np.uint8)
+        return out
 
     def exists(self, name: str) -> bool:
         raise NotImplementedError
@@ -143,6 +165,12 @@ class _LocalStore(_Store):
     def read(self, name: str) -> bytes:
         with open(self._path(name), "rb") as f:
             return f.read()
+
+    def read_aligned(self, name: str) -> np.ndarray:
+        with open(self._path(name), "rb") as f:
+            out = _aligned_empty((os.fstat(f.fileno()).st_size,), np.uint8)
+            f.readinto(memoryview(out))
+            return out
 
     def exists(self, name: str) -> bool:
         return os.path.exists(self._path(name))
@@ -286,20 +314,22 @@ def _encode_piece(array: np.ndarray, leaf_path: str, box: Box) -> list[bytes | m
         },
     }
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the format pads the header so the data starts 8-byte aligned
+    # The format allows padding the header with spaces; starting the data on a 64-byte boundary lets a
+    # restore hand the bytes it read straight to the CPU client without another copy.
+    encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
     return [struct.pack("<Q", len(encoded)), encoded, data]
 
 
-def _decode_piece(raw: bytes, where: str, leaf_path: str, box: Box, dtype: str) -> np.ndarray:
+def _decode_piece(raw: np.ndarray, where: str, leaf_path: str, box: Box, dtype: str) -> np.ndarray:
     """The piece's array after checking it is whole, is the expected piece and matches its checksum."""
     expected_shape = [stop - start for start, stop in box]
     if len(raw) < 8:
         raise CheckpointError(f"{where}: truncated ({len(raw)} bytes); the piece file is damaged")
-    (header_len,) = struct.unpack("<Q", raw[:8])
+    (header_len,) = struct.unpack("<Q", raw[:8].tobytes())
     if 8 + header_len > len(raw):
         raise CheckpointError(f"{where}: truncated header ({len(raw)} bytes); the piece file is damaged")
     try:
-        header = json.loads(raw[8 : 8 + header_len])
+        header = json.loads(raw[8 : 8 + header_len].tobytes())
         info, meta = header["data"], header["__metadata__"]
         begin, end = info["data_offsets"]
         saved = (info["dtype"], info["shape"], meta["leaf"], json.loads(meta["box"]), meta["crc32"])
@@ -314,7 +344,7 @@ def _decode_piece(raw: bytes, where: str, leaf_path: str, box: Box, dtype: str) 
             f"{where}: holds {saved_leaf} box {saved_box} {saved_dtype}{saved_shape}, but {METADATA_FILE} "
             f"expects {leaf_path} box {wanted[3]} {wanted[0]}{expected_shape}; the checkpoint is inconsistent"
         )
-    data = memoryview(raw)[8 + header_len :]
+    data = raw[8 + header_len :]
     nbytes = int(np.prod(expected_shape, dtype=np.int64)) * _np_dtype(dtype).itemsize
     if (begin, end) != (0, nbytes) or len(data) != nbytes:
         raise CheckpointError(
@@ -324,7 +354,7 @@ def _decode_piece(raw: bytes, where: str, leaf_path: str, box: Box, dtype: str) 
         raise CheckpointError(
             f"{where}: checksum mismatch (CRC-32 {crc} recorded); the piece file is damaged"
         )
-    return np.frombuffer(data, dtype=_np_dtype(dtype)).reshape(expected_shape)
+    return data.view(_np_dtype(dtype)).reshape(expected_shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -378,8 +408,15 @@ class _Piece:
     array: np.ndarray
 
 
-def _host_pieces(leaves: list[Any], records: list[dict]) -> list[_Piece]:
-    """Host copies of the replica-0 shards this process holds: one copy of each piece in the whole job."""
+def _host_pieces(
+    leaves: list[Any], records: list[dict], buffers: dict[tuple[int, int], np.ndarray] | None = None
+) -> list[_Piece]:
+    """Host copies of the replica-0 shards this process holds: one copy of each piece in the whole job.
+
+    `buffers` (leaf, piece) -> array is reused when shape and dtype still match and refilled otherwise:
+    copying into memory that is already mapped is several times faster than into fresh pages.
+    """
+    buffers = {} if buffers is None else buffers
     found: list[tuple[int, int, Any]] = []
     for i, (leaf, record) in enumerate(zip(leaves, records, strict=True)):
         box_index = {tuple(tuple(b) for b in box): j for j, box in enumerate(record["boxes"])}
@@ -392,10 +429,17 @@ def _host_pieces(leaves: list[Any], records: list[dict]) -> list[_Piece]:
     for _, _, data in found:  # start every device-to-host transfer before waiting on any
         if isinstance(data, jax.Array):
             data.copy_to_host_async()
-    # A real copy, never a view: the training loop may donate or overwrite the device buffers next step.
-    with concurrent.futures.ThreadPoolExecutor(_WRITE_THREADS) as pool:
-        arrays = list(pool.map(lambda f: np.array(f[2], copy=True), found))
-    return [_Piece(i, j, a) for (i, j, _), a in zip(found, arrays, strict=True)]
+    pieces = []
+    for i, j, data in found:
+        source = np.asarray(data)
+        buffer = buffers.get((i, j))
+        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+            buffer = buffers[(i, j)] = _aligned_empty(source.shape, source.dtype)
+        # A real copy, never a view: the training loop may donate or overwrite the device buffers next step.
+        np.copyto(buffer, source)
+        del source
+        pieces.append(_Piece(i, j, buffer))
+    return pieces
 
 
 def _barrier(name: str) -> None:
@@ -479,44 +523,103 @@ def _overlap(a: Box, b: Box) -> Box | None:
     return box if all(lo < hi for lo, hi in box) else None
 
 
-class _PieceReader:
-    """Reads the saved pieces of one leaf, keeping only the most recent one in memory."""
+def _covering(boxes: list[Box], box: Box) -> list[int]:
+    return [j for j, b in enumerate(boxes) if _overlap(b, box) is not None]
 
-    def __init__(self, store: _Store, directory: str, leaf_index: int, record: dict) -> None:
-        self.store, self.directory, self.leaf_index, self.record = store, directory, leaf_index, record
-        self.boxes: list[Box] = [tuple(tuple(b) for b in box) for box in record["boxes"]]
-        self._cached: tuple[int, np.ndarray] | None = None
 
-    def piece(self, j: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != j:
-            self._cached = None  # drop the previous piece before reading the next: one piece at a time
-            name = _join(self.directory, _piece_name(self.leaf_index, j))
-            where = self.store.describe(name)
-            try:
-                raw = self.store.read(name)
-            except FileNotFoundError:
-                raise CheckpointError(
-                    f"{where}: missing (piece {self.boxes[j]} of {self.record['path']}); checkpoint damaged"
-                ) from None
-            self._cached = (
-                j,
-                _decode_piece(raw, where, self.record["path"], self.boxes[j], self.record["dtype"]),
-            )
-        return self._cached[1]
+def _saved_boxes(record: dict) -> list[Box]:
+    return [tuple(tuple(b) for b in box) for box in record["boxes"]]
 
-    def read_box(self, box: Box, dtype: np.dtype) -> np.ndarray:
-        """The values inside `box`, assembled from the saved pieces that overlap it, cast to `dtype`."""
-        covering = [j for j, b in enumerate(self.boxes) if _overlap(b, box) is not None]
+
+def _read_piece(store: _Store, directory: str, i: int, record: dict, j: int) -> np.ndarray:
+    """Piece `j` of leaf `i` (described by `record`), read whole and verified."""
+    box = _saved_boxes(record)[j]
+    name = _join(directory, _piece_name(i, j))
+    where = store.describe(name)
+    try:
+        raw = store.read_aligned(name)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{where}: missing (piece {box} of {record['path']}); checkpoint damaged"
+        ) from None
+    return _decode_piece(raw, where, record["path"], box, record["dtype"])
+
+
+class _PieceLoader:
+    """Reads and verifies saved pieces on worker threads, a couple ahead of their use, in a planned order.
+
+    Reading and checksumming both release the GIL, so the next piece loads while this one is placed.
+    """
+
+    def __init__(
+        self, store: _Store, directory: str, records: list[dict], plan: list[tuple[int, int]]
+    ) -> None:
+        self.store, self.directory, self.records = store, directory, records
+        self._plan = iter(plan)
+        self._pool = concurrent.futures.ThreadPoolExecutor(_READ_AHEAD)
+        self._pending: collections.deque = collections.deque()
+        for _ in range(_READ_AHEAD):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        key = next(self._plan, None)
+        if key is not None:
+            self._pending.append((key, self._pool.submit(self._load, *key)))
+
+    def _load(self, i: int, j: int) -> np.ndarray:
+        return _read_piece(self.store, self.directory, i, self.records[i], j)
+
+    def next(self, i: int, j: int) -> np.ndarray:
+        key, future = self._pending.popleft()
+        assert key == (i, j), (key, (i, j))  # assembly must follow the plan it was read ahead for
+        self._submit_next()
+        return future.result()
+
+    def close(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+class _LeafAssembler:
+    """Builds slices of one leaf from its saved pieces, holding only the most recent piece."""
+
+    def __init__(self, leaf_index: int, record: dict) -> None:
+        self.leaf_index = leaf_index
+        self.boxes = _saved_boxes(record)
+
+    def read_order(self, boxes: list[Box]) -> list[int]:
+        """The pieces `read_box` will ask the loader for when called on `boxes` in this order."""
+        order: list[int] = []
+        for box in boxes:
+            for j in _covering(self.boxes, box):
+                if not order or order[-1] != j:
+                    order.append(j)
+        return order
+
+    def read_box(self, loader: _PieceLoader, box: Box, dtype: np.dtype, cached: list) -> np.ndarray:
+        """The values inside `box`, from the saved pieces that overlap it, cast to `dtype`.
+
+        `cached` ([index, array] or []) carries the last piece between calls, as `read_order` assumes.
+        """
+
+        def piece(j: int) -> np.ndarray:
+            if not cached or cached[0] != j:
+                cached[:] = []  # drop the previous piece before taking the next
+                cached[:] = [j, loader.next(self.leaf_index, j)]
+            return cached[1]
+
+        covering = _covering(self.boxes, box)
         if len(covering) == 1 and self.boxes[covering[0]] == box:
-            return self.piece(covering[0]).astype(dtype, copy=False)
-        out = np.empty([hi - lo for lo, hi in box], dtype=dtype)
+            return piece(covering[0]).astype(dtype, copy=False)
+        out = _aligned_empty([hi - lo for lo, hi in box], dtype)
         for j in covering:
             inter = _overlap(self.boxes[j], box)
             src = tuple(
                 slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, self.boxes[j], strict=True)
             )
             dst = tuple(slice(lo - b0, hi - b0) for (lo, hi), (b0, _) in zip(inter, box, strict=True))
-            out[dst] = self.piece(j)[src]
+            out[dst] = piece(j)[src]
         return out
 
 
@@ -527,15 +630,14 @@ def _target_sharding(target: Any) -> Any:
     return sharding
 
 
-def _restore_leaf(store: _Store, directory: str, i: int, record: dict, target: Any, dtype: np.dtype) -> Any:
-    """One leaf placed with the target's sharding; each distinct slice is read from disk once."""
-    reader = _PieceReader(store, directory, i, record)
+def _placements(record: dict, target: Any) -> list[tuple[Box, list]]:
+    """The distinct slices of a leaf this process must hold, each with the local devices that hold it;
+    a host-value target (numpy scalar) is one whole slice held by no device."""
     shape = tuple(record["shape"])
-    if not isinstance(target, jax.Array | jax.ShapeDtypeStruct):  # a host value (numpy scalar) stays on host
-        return reader.read_box(tuple((0, n) for n in shape), dtype)
-    sharding = _target_sharding(target)
+    if not isinstance(target, jax.Array | jax.ShapeDtypeStruct):
+        return [(tuple((0, n) for n in shape), [])]
     try:
-        index_map = sharding.addressable_devices_indices_map(shape)
+        index_map = _target_sharding(target).addressable_devices_indices_map(shape)
     except ValueError as e:
         raise CheckpointError(
             f"leaf {record['path']} of shape {shape} cannot be placed on the target mesh: {e}"
@@ -543,14 +645,25 @@ def _restore_leaf(store: _Store, directory: str, i: int, record: dict, target: A
     by_box: dict[Box, list] = {}
     for device, index in index_map.items():
         by_box.setdefault(_box(index, shape), []).append(device)
-    arrays = []
-    for box, devices in sorted(by_box.items()):
-        host = reader.read_box(box, dtype)
-        arrays.extend((device, jax.device_put(host, device)) for device in devices)
+    return sorted(by_box.items())
+
+
+def _assemble_leaf(
+    loader: _PieceLoader, i: int, record: dict, target: Any, dtype: np.dtype, placements: list
+) -> Any:
+    """One leaf placed with the target's sharding; each distinct slice is built on the host once."""
+    assembler, cached = _LeafAssembler(i, record), []
+    if not isinstance(target, jax.Array | jax.ShapeDtypeStruct):  # a host value (numpy scalar) stays on host
+        return assembler.read_box(loader, placements[0][0], dtype, cached)
+    sharding, shape = _target_sharding(target), tuple(record["shape"])
+    by_device = {}
+    for box, devices in placements:
+        host = assembler.read_box(loader, box, dtype, cached)
+        # On CPU an aligned host array becomes the device buffer without a copy (XLA never writes into it).
+        by_device.update((device, jax.device_put(host, device)) for device in devices)
         del host
-    order = {d: k for k, d in enumerate(index_map)}
-    arrays.sort(key=lambda pair: order[pair[0]])
-    return jax.make_array_from_single_device_arrays(shape, sharding, [a for _, a in arrays])
+    arrays = [by_device[d] for d in sharding.addressable_devices_indices_map(shape)]
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def _restore_tree(
@@ -584,7 +697,7 @@ def _restore_tree(
             f"{where}: holds {prefix}{unexpected[0]}, which the target lacks ({len(unexpected)} extra); "
             "it was saved from a different model or state structure"
         )
-    leaves = []
+    jobs = []
     for path, leaf in flat:
         name = jax.tree_util.keystr(path)
         i, record = saved[name]
@@ -599,7 +712,15 @@ def _restore_tree(
             raise CheckpointError(
                 f"{where}: {record['path']} is {record['dtype']}, the target expects {dtype.name}"
             )
-        leaves.append(_restore_leaf(store, directory, i, record, leaf, dtype))
+        placements = _placements(record, leaf)
+        order = _LeafAssembler(i, record).read_order([box for box, _ in placements])
+        jobs.append((i, record, leaf, dtype, placements, order))
+    plan = [(i, j) for i, *_, order in jobs for j in order]
+    loader = _PieceLoader(store, directory, meta["leaves"], plan)
+    try:
+        leaves = [_assemble_leaf(loader, *job[:5]) for job in jobs]
+    finally:
+        loader.close()
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
@@ -612,8 +733,9 @@ class CheckpointManager:
     """Saves train states under `model_dir/step_{N}` in the background and restores the newest one.
 
     At most one save is in flight: `save` first waits for the previous one, so the extra host memory is
-    bounded by one copy of the replica-0 shards this process holds. Retention keeps the newest `keep_n`
-    committed steps plus every step divisible by `keep_every`.
+    bounded by one copy of the replica-0 shards this process holds (kept between saves, so later saves
+    copy into memory that is already mapped). Retention keeps the newest `keep_n` committed steps plus
+    every step divisible by `keep_every`.
     """
 
     def __init__(self, model_dir: str, *, keep_n: int = 3, keep_every: int | None = None) -> None:
@@ -627,6 +749,7 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._saves = 0  # makes every barrier name unique within this process's lifetime
+        self._host_buffers: dict[tuple[int, int], np.ndarray] = {}  # reused by every save; see _host_pieces
         self.last_blocked_s = 0.0  # how long the last `save` held up its caller
 
     def save(self, step: int, state: Any, extra: dict) -> None:
@@ -637,11 +760,9 @@ class CheckpointManager:
             extra_json = json.loads(json.dumps(extra))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint extra for step {step} is not JSON-serialisable: {e}") from None
-        if step in self.committed_steps():
-            return  # already durable; rewriting a committed checkpoint could only risk damaging it
         flat, _ = jax.tree_util.tree_flatten_with_path(state)
         records = _describe_leaves(flat)
-        pieces = _host_pieces([leaf for _, leaf in flat], records)
+        pieces = _host_pieces([leaf for _, leaf in flat], records, self._host_buffers)
         self._saves += 1
         barrier = f"checkpoint:{self.model_dir}:{step}:{self._saves}"
         metadata = {"step": int(step), "extra": extra_json, "process_count": jax.process_count()}
@@ -655,6 +776,8 @@ class CheckpointManager:
         self, step: int, pieces: list[_Piece], records: list[dict], metadata: dict, barrier: str
     ) -> None:
         try:
+            if self._store.exists(f"step_{step}/{COMMIT_MARKER}"):
+                return  # already durable; rewriting a committed checkpoint could only risk damaging it
             _write_checkpoint(self._store, f"step_{step}", pieces, records, metadata, barrier)
             del pieces
             if jax.process_index() == 0:
@@ -756,6 +879,37 @@ def load_params(path: str, target: Any) -> Any:
     return _restore_tree(store, directory, meta, target, prefix=PARAMS_PREFIX, cast=True)
 
 
+class ParamPieces:
+    """The params of a full or slim checkpoint (or a model_dir's newest) streamed piece by piece on the host.
+
+    For converters that must not hold the model in memory (the Hugging Face export): `shapes` gives each
+    param's tree path (as `load_params` targets name it, e.g. "['gptj/ln_f']['scale']") with its shape and
+    saved dtype, and `pieces(path)` yields the saved pieces that cover it once, one in memory at a time.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._store, self._directory = _resolve(path)
+        meta = _read_metadata(self._store, self._directory)
+        self.where = self._store.describe(self._directory)
+        self.step: int | None = meta.get("step")
+        self._records = {
+            r["path"][len(PARAMS_PREFIX) :]: (i, r)
+            for i, r in enumerate(meta["leaves"])
+            if r["path"].startswith(PARAMS_PREFIX)
+        }
+        if not self._records:
+            raise CheckpointError(f"{self.where}: holds no {PARAMS_PREFIX} leaves")
+        self.shapes: dict[str, tuple[tuple[int, ...], str]] = {
+            p: (tuple(r["shape"]), r["dtype"]) for p, (_, r) in self._records.items()
+        }
+
+    def pieces(self, path: str) -> Iterable[tuple[Box, np.ndarray]]:
+        """(box, values) of each saved piece of param `path`; a box is [start, stop) per dimension."""
+        i, record = self._records[path]
+        for j, box in enumerate(_saved_boxes(record)):
+            yield box, _read_piece(self._store, self._directory, i, record, j)
+
+
 def slim_checkpoint(
     src: str, dst: str, dtype: str = "bfloat16", on_leaf: Callable[[str], None] | None = None
 ) -> int:
@@ -782,9 +936,8 @@ def slim_checkpoint(
         for k, (i, record) in enumerate(params):
             if on_leaf is not None:
                 on_leaf(record["path"])
-            reader = _PieceReader(store, directory, i, record)
-            for j in range(len(reader.boxes)):
-                array = reader.piece(j).astype(_np_dtype(records[k]["dtype"]))
+            for j in range(len(record["boxes"])):
+                array = _read_piece(store, directory, i, record, j).astype(_np_dtype(records[k]["dtype"]))
                 written[0] += array.nbytes
                 yield _Piece(k, j, array)
 
