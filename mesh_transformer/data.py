@@ -6,6 +6,7 @@ few integers (O(1) to restore); `validation_batches` gives fixed batches. Prepar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -89,7 +90,7 @@ class _TokenStream:
             if missing:
                 raise DataError(f"{dataset_dir} is incomplete: shard {missing[0]} is missing")
             self.shards = [
-                np.memmap(p, self.dtype, "r") if n else None
+                np.memmap(p, self.dtype, "r").view(np.ndarray) if n else None
                 for p, n in zip(paths, self.starts[1:], strict=False)
             ]
 
@@ -113,7 +114,21 @@ class _TokenStream:
     def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
         """int32 array (len(offsets), length): tokens [o, o + length) for each offset o."""
         out = np.empty((len(offsets), length), np.int32)
-        jobs = [(row, p) for row, o in enumerate(offsets.tolist()) for p in self._pieces(o, o + length)]
+        rows = np.arange(len(offsets))
+        if not self.remote:
+            # Fast path: windows inside one memory-mapped shard are gathered with one fancy index per shard.
+            shard = np.searchsorted(self.starts, offsets, "right") - 1
+            inside = offsets + length <= self.starts[shard + 1]
+            for s in np.unique(shard[inside]):
+                chosen = rows[inside & (shard == s)]
+                local = offsets[chosen] - self.starts[s]
+                out[chosen] = self.shards[s][local[:, None] + np.arange(length)]
+            rows = rows[~inside]
+        jobs = [
+            (row, p)
+            for row in rows.tolist()
+            for p in self._pieces(int(offsets[row]), int(offsets[row]) + length)
+        ]
         if self.remote:
             pieces = list(self._pool.map(lambda job: self._read_piece(*job[1]), jobs))
         else:
@@ -125,24 +140,32 @@ class _TokenStream:
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _round_keys(seed: int, epoch: int) -> tuple[np.uint64, ...]:
+    return tuple(np.random.SeedSequence([seed, epoch]).generate_state(4, np.uint64))
+
+
+_GOLDEN, _MIX = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9)
+_SHIFT_29, _SHIFT_32 = np.uint64(29), np.uint64(32)
+
+
 def _permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
-    """A seeded bijection of [0, n) evaluated at `positions`: a Feistel network with cycle-walking.
+    """A seeded bijection of [0, n) evaluated at `positions`: a 4-round Feistel network with cycle-walking.
 
     Each index costs O(1), so any point of an epoch's order is reachable without generating the order.
     """
-    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)
-    mask = np.uint64((1 << half) - 1)
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(6, np.uint64)
+    half = np.uint64(max(1, (max(n - 1, 1).bit_length() + 1) // 2))
+    mask = (np.uint64(1) << half) - np.uint64(1)
     x = positions.astype(np.uint64)
-    todo = np.ones(len(x), bool)
-    while todo.any():
-        left, right = x[todo] >> np.uint64(half), x[todo] & mask
-        for key in keys:
-            z = (right + key) * np.uint64(0x9E3779B97F4A7C15)
-            z = (z ^ (z >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
-            left, right = right, left ^ ((z ^ (z >> np.uint64(32))) & mask)
-        x[todo] = (left << np.uint64(half)) | right
-        todo = x >= np.uint64(n)  # outside [0, n): apply the permutation again until inside
+    todo = np.arange(len(x))
+    while len(todo):
+        left, right = x[todo] >> half, x[todo] & mask
+        for key in _round_keys(seed, epoch):
+            z = (right + key) * _GOLDEN
+            z = (z ^ (z >> _SHIFT_29)) * _MIX
+            left, right = right, left ^ ((z ^ (z >> _SHIFT_32)) & mask)
+        x[todo] = (left << half) | right
+        todo = todo[x[todo] >= n]  # outside [0, n): apply the permutation again until inside
     return x.astype(np.int64)
 
 
