@@ -1,0 +1,406 @@
+"""Multi-host training with Ray: one actor per host, all running `run.train` as one SPMD program over a global
+mesh joined by `jax.distributed`. The driver places the actors, receives only their metrics, and when an actor
+dies or a step hangs it tears the group down and starts a fresh one that resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from mesh_transformer.config import Config
+from mesh_transformer.errors import UserError
+from mesh_transformer.run import RunOptions
+
+# Test hook: "KIND:HOST@STEP" makes host HOST die (SIGKILL) or hang after step STEP, in the first group only.
+FAULT_ENV = "MESH_TRANSFORMER_FAULT"
+_FAULT = re.compile(r"^(die|hang):(\d+)@(\d+)$")
+_POLL_S = 1.0  # how often the driver looks at the actors and their reports
+
+
+class ClusterError(UserError):
+    """The Ray cluster cannot be used as asked (unreachable address, impossible placement, bad --hosts)."""
+
+
+@dataclasses.dataclass
+class ClusterOptions:
+    hosts: int  # actors, one per host; each drives tpu_size / hosts devices
+    ray_address: str | None = (
+        None  # HOST:PORT of a running Ray head, "auto", or None: a local Ray on 127.0.0.1
+    )
+    # Custom resources every actor needs, e.g. {"tpu": 1} when each TPU host was started with
+    # `ray start --resources='{"tpu": 1}'`. Actors of a remote cluster are also spread one per node.
+    actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    step_timeout_s: float = 900.0  # no step finished for this long (once one has): the group is hung
+    startup_timeout_s: float = 3600.0  # start, restore, compile and first step of a fresh group
+    placement_timeout_s: float = 900.0  # waiting for hosts to (re)appear in the cluster
+    max_restarts: int = 5  # consecutive failed groups that committed no new checkpoint
+    backoff_s: float = 10.0  # before the first restart; doubles with each consecutive failure
+    max_backoff_s: float = 600.0
+    fault: str | None = None  # see FAULT_ENV; None reads the environment variable
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    kind: str  # "die" or "hang"
+    host: int
+    step: int
+
+    @staticmethod
+    def parse(spec: str | None, hosts: int) -> Fault | None:
+        if not spec:
+            return None
+        m = _FAULT.match(spec.strip())
+        if not m or int(m.group(2)) >= hosts:
+            raise ClusterError(
+                f"{FAULT_ENV}={spec!r}: expected die:HOST@STEP or hang:HOST@STEP with HOST < {hosts}"
+            )
+        return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def check_hosts(config: Config, hosts: int) -> None:
+    """Each host must hold whole model-parallel groups and an equal share of every batch."""
+    if hosts < 1:
+        raise ClusterError(f"--hosts {hosts}: expected a positive number of hosts")
+    if config.tpu_size % hosts or (config.tpu_size // hosts) % config.mp:
+        raise ClusterError(
+            f"--hosts {hosts}: the config's tpu_size {config.tpu_size} must split into {hosts} equal hosts "
+            f"each holding whole model-parallel groups of cores_per_replica={config.mp} devices"
+        )
+    if config.global_batch % hosts:
+        raise ClusterError(
+            f"--hosts {hosts}: the global batch of {config.global_batch} sequences does not split evenly"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inside the actors.
+# --------------------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class _Reporter:
+    """Collects what the actors report (fire-and-forget calls) until the driver drains it."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, dict]] = []
+
+    def report(self, process_id: int, metrics: dict) -> None:
+        self.records.append((process_id, metrics))
+
+    def drain(self) -> list[tuple[int, dict]]:
+        records, self.records = self.records, []
+        return records
+
+
+class HostWorker:
+    """One host's process of the SPMD program: joins the global mesh, then runs the ordinary run loop."""
+
+    def __init__(self, process_id: int, num_processes: int, local_devices: int) -> None:
+        self.process_id, self.num_processes, self.local_devices = process_id, num_processes, local_devices
+        # The raylet passes on the driver's environment; a forced CPU device count there (the test session
+        # forces 8) would override this host's share of the mesh.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags).strip()
+
+    def address(self) -> tuple[str, int, int]:
+        """(this node's IP, a free port on it, this process's pid): where process 0 serves the coordinator."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1], os.getpid()
+
+    def train(
+        self, coordinator: str, config: Config, options: RunOptions, reporter: Any, fault: Fault | None
+    ) -> dict:
+        import jax
+
+        from mesh_transformer import run
+        from mesh_transformer.config import check_device_count
+
+        # Order matters: devices and collectives are configured before the backend starts (REFERENCE 8).
+        jax.config.update("jax_num_cpu_devices", self.local_devices)  # only the CPU backend reads it
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=self.num_processes,
+            process_id=self.process_id,
+            coordinator_bind_address=coordinator,
+        )
+        check_device_count(config, jax.device_count())
+        if jax.local_device_count() != self.local_devices:
+            raise ClusterError(
+                f"host {self.process_id} has {jax.local_device_count()} devices, expected "
+                f"tpu_size / hosts = {self.local_devices}"
+            )
+
+        def on_step(metrics: dict) -> None:
+            reporter.report.remote(self.process_id, metrics)
+            if fault and fault.host == self.process_id and fault.step == metrics["step"]:
+                if fault.kind == "die":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(10**6)  # "hang": only the driver's step timeout ends this
+
+        options = dataclasses.replace(options, progress=False, on_step=on_step)
+        return run.train(config, options)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The driver.
+# --------------------------------------------------------------------------------------------------------
+
+
+def connect(address: str | None, hosts: int) -> None:
+    """Join the Ray cluster at `address`, or start a local one listening on 127.0.0.1 only."""
+    if ray.is_initialized():  # the caller (a test, a notebook) chose the cluster already
+        return
+    if address is None:
+        # Ray 2.60 otherwise advertises the external address and listens on every interface (REFERENCE 8).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            num_cpus=max(hosts, os.cpu_count() or 1),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level="warning",
+        )
+        return
+    if address != "auto":
+        _check_reachable(address)
+    try:
+        ray.init(address=address, logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ClusterError(f"--ray-address {address}: cannot join that Ray cluster ({e})") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on an address nobody listens at (ray.init would retry it for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(
+            f"--ray-address {address!r}: expected HOST:PORT of a running Ray head "
+            "(the address `ray start --head` prints, e.g. 10.0.0.2:6379) or 'auto'"
+        )
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as e:
+        raise ClusterError(
+            f"--ray-address {address}: no Ray head answers there ({e.strerror or e}); "
+            "start one with `ray start --head` or pass its HOST:PORT"
+        ) from None
+
+
+class _Group:
+    """One generation of actors: placed, started, joined into one mesh, and torn down as a unit."""
+
+    def __init__(self, config: Config, cluster: ClusterOptions, spread: bool) -> None:
+        self.hosts = cluster.hosts
+        bundle = {"CPU": 1.0, **cluster.actor_resources}
+        self.pg = placement_group([bundle] * self.hosts, strategy="STRICT_SPREAD" if spread else "PACK")
+        self.actors: list[Any] = []
+        self.refs: list[Any] = []
+        self.where: list[str] = []  # "pid P on IP" of each host, for messages
+        ready, _ = ray.wait([self.pg.ready()], timeout=cluster.placement_timeout_s)
+        if not ready:
+            remove_placement_group(self.pg)
+            raise ClusterError(
+                f"the Ray cluster could not place {self.hosts} actors "
+                f"({'one per node' if spread else 'on any node'}, each needing {bundle}) within "
+                f"{cluster.placement_timeout_s:.0f} s; it offers {ray.cluster_resources()}"
+            )
+        worker = ray.remote(max_restarts=0, max_concurrency=1)(HostWorker)
+        for i in range(self.hosts):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+            self.actors.append(
+                worker.options(
+                    num_cpus=1, resources=dict(cluster.actor_resources), scheduling_strategy=strategy
+                ).remote(i, self.hosts, config.tpu_size // self.hosts)
+            )
+
+    def start(
+        self, config: Config, options: RunOptions, reporter: Any, fault: Fault | None, timeout: float
+    ) -> str:
+        addresses = ray.get([a.address.remote() for a in self.actors], timeout=timeout)
+        self.where = [f"pid {pid} on {ip}" for ip, _, pid in addresses]
+        coordinator = f"{addresses[0][0]}:{addresses[0][1]}"
+        self.refs = [a.train.remote(coordinator, config, options, reporter, fault) for a in self.actors]
+        return coordinator
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.refs:  # the train calls end (with ActorDiedError) once their processes are gone
+            ray.wait(self.refs, num_returns=len(self.refs), timeout=60)
+        remove_placement_group(self.pg)
+
+
+@dataclasses.dataclass
+class _Outcome:
+    metrics: dict | None = None  # set when every host finished
+    reason: str = ""  # why the group failed
+    last_step: int | None = None
+
+
+def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
+    """Train on `cluster.hosts` Ray actors; returns the last step's metrics. Restarts the group on failure."""
+    from tqdm import tqdm
+
+    from mesh_transformer import data
+    from mesh_transformer.checkpoint import CheckpointManager
+    from mesh_transformer.metrics import MetricsLog
+
+    check_hosts(config, cluster.hosts)
+    fault = Fault.parse(
+        cluster.fault if cluster.fault is not None else os.environ.get(FAULT_ENV), cluster.hosts
+    )
+    local = cluster.ray_address is None and not ray.is_initialized()
+    connect(cluster.ray_address, cluster.hosts)
+    spread = not local and len([n for n in ray.nodes() if n["Alive"]]) > 1
+
+    # Prepared once here so the hosts do not race to prepare it; each then reads only its own rows.
+    dataset_dir = data.resolve_training_data(
+        options.data,
+        options.model_dir,
+        n_vocab=config.n_vocab,
+        seq=config.seq,
+        tokenizer=options.tokenizer,
+        seed=config.seed,
+    )
+    actor_options = dataclasses.replace(options, data=[dataset_dir], on_step=None)
+    checkpoints = CheckpointManager(options.model_dir)
+    end_step = options.steps if options.steps is not None else config.total_steps
+    reporter = _Reporter.remote()
+    bar = tqdm(total=end_step, disable=not options.progress, unit="step", dynamic_ncols=True)
+    failures, attempt = 0, 0
+    try:
+        while True:
+            resume_step = checkpoints.latest_step() or 0
+            bar.n = resume_step
+            bar.refresh()
+            outcome = _run_group(
+                config,
+                actor_options,
+                cluster,
+                spread,
+                reporter,
+                fault if attempt == 0 else None,
+                bar,
+                attempt == 0,
+            )
+            if outcome.metrics is not None:
+                return outcome.metrics
+            attempt += 1
+            committed = checkpoints.latest_step() or 0
+            failures = 1 if committed > resume_step else failures + 1
+            if failures > cluster.max_restarts:
+                raise ClusterError(
+                    f"training stopped after {failures} consecutive failed attempts without a new checkpoint "
+                    f"(--max-restarts {cluster.max_restarts}); the last: {outcome.reason}"
+                )
+            backoff = min(cluster.backoff_s * 2 ** (failures - 1), cluster.max_backoff_s)
+            event = dict(
+                step=outcome.last_step,
+                reason=outcome.reason,
+                restarts=attempt,
+                resume_step=committed,
+                backoff_s=backoff,
+            )
+            _log_event(MetricsLog(options.model_dir), "recovery", event)
+            bar.write(
+                f"recovery {attempt}: {outcome.reason}; restarting {cluster.hosts} hosts from step "
+                f"{committed} in {backoff:.0f} s",
+                file=sys.stderr,
+            )
+            time.sleep(backoff)
+    finally:
+        bar.close()
+
+
+def _run_group(
+    config: Config,
+    options: RunOptions,
+    cluster: ClusterOptions,
+    spread: bool,
+    reporter: Any,
+    fault: Fault | None,
+    bar: Any,
+    first: bool,
+) -> _Outcome:
+    """Start one group and watch it until it finishes or fails; the group is always torn down."""
+    outcome = _Outcome()
+    group = None
+    try:
+        try:
+            group = _Group(config, cluster, spread)
+        except ClusterError as e:
+            if first:
+                raise  # the cluster never had room for this run: say so rather than wait again
+            outcome.reason = str(e)  # hosts lost to a preemption may not be back yet
+            return outcome
+        ray.get(reporter.drain.remote())  # reports of an earlier group must not count as progress
+        group.start(config, options, reporter, fault, cluster.startup_timeout_s)
+        results: dict[int, dict] = {}
+        last_report, started = time.monotonic(), False
+        while len(results) < cluster.hosts:
+            done, _ = ray.wait(
+                [r for i, r in enumerate(group.refs) if i not in results], num_returns=1, timeout=_POLL_S
+            )
+            for ref in done:
+                host = group.refs.index(ref)
+                try:
+                    results[host] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    outcome.reason = f"host {host} ({group.where[host]}) died: {_first_line(e)}"
+                    return outcome
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, UserError):
+                        raise e.cause from None  # the user's input is wrong: restarting cannot help
+                    outcome.reason = f"host {host} ({group.where[host]}) failed: {_first_line(e.cause or e)}"
+                    return outcome
+            for process_id, metrics in ray.get(reporter.drain.remote(), timeout=60):
+                last_report, started = time.monotonic(), True
+                if process_id == 0:
+                    outcome.last_step = metrics["step"]
+                    bar.n = metrics["step"]
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
+            limit = cluster.step_timeout_s if started else cluster.startup_timeout_s
+            if time.monotonic() - last_report > limit:
+                what = f"after step {outcome.last_step}" if started else "before the first step"
+                outcome.reason = f"no step finished for {limit:.0f} s {what}: the group hung"
+                return outcome
+        outcome.metrics = results[0]
+        return outcome
+    except ray.exceptions.GetTimeoutError:
+        outcome.reason = f"the actors did not start within {cluster.startup_timeout_s:.0f} s"
+        return outcome
+    except ray.exceptions.RayActorError as e:
+        outcome.reason = f"an actor died while starting: {_first_line(e)}"
+        return outcome
+    finally:
+        if group is not None:
+            group.stop()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _log_event(log: Any, kind: str, fields: dict) -> None:
+    try:
+        if hasattr(log, "event"):
+            log.event(kind, **fields)
+        else:
+            log.write({"event": kind, "time": time.time(), **fields})
+    finally:
+        log.close()
