@@ -7,6 +7,7 @@ and written as raw uint16/uint32 shards plus `index.json`; the output appears on
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import functools
 import glob
 import gzip
@@ -445,21 +446,30 @@ class _Reading:
 
 
 def _encoded(chunks: Iterator[list[str]], workers: int, tokenizer_json: str, eos: int) -> Iterator[Any]:
-    """Encoded chunks in input order; with several workers at most 2 chunks per worker are in flight."""
+    """Encoded chunks in input order, with a few chunks in flight so reading overlaps tokenizing.
+
+    One worker: threads of this process (the tokenizer releases the GIL and spreads each batch over every
+    core; two batches in flight keep the cores busy while one batch's longest document finishes).
+    Several: spawned processes, each with its own tokenizer.
+    """
     if workers <= 1:
         _init_worker(tokenizer_json, eos)
-        yield from map(_encode_chunk, chunks)
-        return
-    # spawn, not fork: the parent may hold JAX or tokenizer threads that a fork would copy mid-flight.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, eos)) as pool:
+        executor: Any = concurrent.futures.ThreadPoolExecutor(2)
+        submit = executor.submit
+    else:
+        # spawn, not fork: the parent may hold JAX or tokenizer threads that a fork would copy mid-flight.
+        context = multiprocessing.get_context("spawn")
+        executor = context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, eos))
+        submit = lambda f, chunk: executor.apply_async(f, (chunk,))
+    result = (lambda r: r.result()) if workers <= 1 else (lambda r: r.get())
+    with executor:
         pending: collections.deque = collections.deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+            pending.append(submit(_encode_chunk, chunk))
+            if len(pending) > max(2, workers):
+                yield result(pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield result(pending.popleft())
 
 
 # ----------------------------------------------------------------------------------------------------------
