@@ -1,4 +1,5 @@
-"""Training figures: model FLOPs per token, the hardware's peak, MFU, and the `metrics.jsonl` log.
+"""Training figures: model FLOPs per token, the hardware's peak, MFU; the run's log (`metrics.jsonl`, and
+optionally Weights & Biases and TensorBoard, with an `event` API for checkpoints and recoveries); its plot.
 
 MFU = achieved model FLOP/s / peak FLOP/s of all devices, with model FLOPs per token (PaLM appendix B)
     6 * N  +  6 * L * D * T
@@ -10,7 +11,11 @@ because a causal mask needs only half the score matrix).
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
+import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -19,6 +24,7 @@ import numpy as np
 from smart_open import open as smart_open_file
 
 from mesh_transformer.config import Config
+from mesh_transformer.errors import UserError
 
 # Dense bf16 peak per JAX device (a TPU v2/v3 core is one device; v4 and later expose one device per chip).
 PEAK_BF16_FLOPS = {
@@ -75,26 +81,84 @@ def peak_flops(devices: list[jax.Device], compute_dtype: str) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `{model_dir}/metrics.jsonl` (kept across resumes)."""
+    """The run's log: one JSON object per line in `{model_dir}/metrics.jsonl` (kept across resumes), mirrored
+    to Weights & Biases when the config names a `wandb_project` and to TensorBoard event files in
+    `{model_dir}/tensorboard` when the config sets `tensorboard`.
 
-    def __init__(self, model_dir: str, enabled: bool = True):
-        self.path = f"{model_dir.rstrip('/')}/metrics.jsonl"
+    `write(record)` logs a step's figures (keys such as loss, lr, grad_norm, tokens_per_sec, mfu,
+    tokens_seen, val/{set}/loss, harness/{task}/{metric}; "step" is the x axis).
+
+    `event(kind, **fields)` logs something that happened, for the checkpoint and cluster code to call
+    (thread-safe, e.g. from a background checkpoint writer):
+        log.event("checkpoint", step=500, path="gs://bucket/run/step_500", seconds=12.5)
+        log.event("recovery", step=1200, reason="preempted", restarts=1)
+    In metrics.jsonl an event is the line {"event": kind, "time": unix seconds, **fields}, told apart from
+    step records by its "event" key; fields must be JSON values. Weights & Biases gets the numeric fields as
+    event/{kind}/{field} at the latest step, TensorBoard the whole event as text.
+
+    Weights & Biases never blocks training: without a login (no WANDB_API_KEY, no ~/.netrc entry) and
+    WANDB_MODE not offline, it logs offline into the model dir with one printed line (`wandb sync` uploads
+    it later). A resumed run continues the same W&B run (its id is kept in {model_dir}/wandb_run_id).
+    """
+
+    def __init__(self, model_dir: str, enabled: bool = True, *, config: Config | None = None):
+        self.model_dir = model_dir.rstrip("/")
+        self.path = f"{self.model_dir}/metrics.jsonl"
         self.enabled = enabled
+        self._lock = threading.Lock()  # events may come from checkpoint writer threads
+        self._last_step = 0
         self._lines: list[str] = []
         self._local = "://" not in self.path
-        if enabled and self._local:
+        self._wandb: Any = None
+        self._tensorboard: Any = None
+        if not enabled:
+            return
+        if self._local:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
-        elif enabled:  # keep what an earlier run logged: it is rewritten whole on close
+        else:  # keep what an earlier run logged: it is rewritten whole on close
             try:
                 with smart_open_file(self.path, "r") as f:
                     self._lines = f.read().splitlines()
             except (FileNotFoundError, OSError):
                 self._lines = []
+        if config is not None and config.wandb_project:
+            self._wandb = _start_wandb(config, self.model_dir, self._local)
+        if config is not None and config.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(logdir=f"{self.model_dir}/tensorboard")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps({k: _plain(v) for k, v in record.items()})
+        record = {k: _plain(v) for k, v in record.items()}
+        with self._lock:
+            step = record.get("step")
+            if isinstance(step, int):
+                self._last_step = max(self._last_step, step)
+            self._append(record)
+            numbers = _numbers(record, exclude=("step",))
+            if self._wandb is not None:
+                self._wandb.log(numbers, step=self._last_step)
+            if self._tensorboard is not None:
+                for key, value in numbers.items():
+                    self._tensorboard.add_scalar(key, value, self._last_step)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Log that something happened (a checkpoint saved, a worker restarted, ...); see the class doc."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "time": time.time(), **{k: _plain(v) for k, v in fields.items()}}
+        with self._lock:
+            self._append(record)
+            if self._wandb is not None:
+                numbers = _numbers(fields, exclude=())
+                self._wandb.log({f"event/{kind}/{k}": v for k, v in numbers.items()}, step=self._last_step)
+            if self._tensorboard is not None:
+                self._tensorboard.add_text(f"event/{kind}", json.dumps(record), self._last_step)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
         if self._local:
             self._file.write(line + "\n")
             self._file.flush()
@@ -104,11 +168,54 @@ class MetricsLog:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._local:
-            self._file.close()
-        elif self._lines:
-            with smart_open_file(self.path, "w") as f:
-                f.write("\n".join(self._lines) + "\n")
+        with self._lock:
+            if self._local:
+                self._file.close()
+            elif self._lines:
+                with smart_open_file(self.path, "w") as f:
+                    f.write("\n".join(self._lines) + "\n")
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+            self.enabled = False
+
+
+def _numbers(record: dict[str, Any], exclude: Iterable[str]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if k not in exclude and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+def _start_wandb(config: Config, model_dir: str, local: bool) -> Any:
+    """A wandb run for this model dir: resumed if one was started there before, offline without a login."""
+    import wandb
+
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode not in ("offline", "dryrun", "disabled") and not wandb.login(prompt=False, verify=False):
+        where = f"{model_dir}/wandb" if local else "./wandb"
+        print(f"wandb: not logged in; logging offline to {where} (upload it later with `wandb sync`)")
+        mode = "offline"
+    id_path = f"{model_dir}/wandb_run_id"
+    try:
+        with smart_open_file(id_path, "r") as f:
+            run_id = f.read().strip()
+    except (FileNotFoundError, OSError):
+        run_id = uuid.uuid4().hex[:12]
+        with smart_open_file(id_path, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(
+        project=config.wandb_project,
+        name=config.name,
+        notes=config.comment or None,
+        config=config.to_dict(),
+        id=run_id,
+        resume="allow",
+        dir=model_dir if local else None,
+        mode=mode or None,
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -117,3 +224,119 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+# ----- reading and plotting metrics.jsonl -----
+
+
+def read_metrics(model_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step records, events) of `{model_dir}/metrics.jsonl`; for a step logged twice (a resumed run redid
+    it) the later record wins. A torn last line (a run killed mid-write) is skipped."""
+    path = model_dir if model_dir.endswith(".jsonl") else f"{model_dir.rstrip('/')}/metrics.jsonl"
+    try:
+        with smart_open_file(path, "r") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UserError(f"no metrics log at {path}; expected the model_dir of a training run") from None
+    except OSError as e:
+        raise UserError(f"cannot read metrics log {path}: {e}") from None
+    by_step: dict[int, dict[str, Any]] = {}
+    events = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        if "event" in record:
+            events.append(record)
+        elif isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
+    if not by_step:
+        raise UserError(f'{path} holds no step records; expected lines such as {{"step": 1, "loss": ...}}')
+    return [by_step[s] for s in sorted(by_step)], events
+
+
+def plot_metrics(model_dir: str, output: str) -> None:
+    """Render the run's loss (train and validation), throughput, schedule and evaluation scores to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    records, events = read_metrics(model_dir)
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    keys = sorted({k for r in records for k in r})
+    val_keys = [k for k in keys if k.startswith("val/") and k.endswith("/loss")]
+    harness_keys = [k for k in keys if k.startswith("harness/")]
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    fig.suptitle(f"{model_dir.rstrip('/')}  ({records[-1]['step']} steps)")
+
+    ax = axes[0, 0]
+    steps, loss = series("loss")
+    if loss:
+        ax.plot(steps, loss, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
+        ax.plot(steps, _smoothed(loss), color="tab:blue", label="train (smoothed)")
+    for key in val_keys:
+        ax.plot(*series(key), marker="o", label=key.removesuffix("/loss"))
+    for e in events:
+        if e.get("event") == "checkpoint" and isinstance(e.get("step"), int):
+            ax.axvline(e["step"], color="grey", linestyle=":", linewidth=0.8)
+    ax.set(title="loss (cross-entropy, nats/token)", xlabel="step", ylabel="loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+    ax = axes[0, 1]
+    ax.plot(*series("tokens_per_sec"), color="tab:green", label="tokens/s")
+    ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    ax.grid(alpha=0.3)
+    steps, mfu = series("mfu")
+    if mfu:
+        twin = ax.twinx()
+        twin.plot(steps, [100 * m for m in mfu], color="tab:orange", alpha=0.7, label="MFU")
+        twin.set_ylabel("MFU (%)", color="tab:orange")
+
+    ax = axes[1, 0]
+    ax.plot(*series("lr"), color="tab:purple")
+    ax.set(title="learning rate and gradient norm", xlabel="step", ylabel="learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(alpha=0.3)
+    steps, grad_norm = series("grad_norm")
+    if grad_norm:
+        twin = ax.twinx()
+        twin.plot(steps, grad_norm, color="tab:red", alpha=0.6)
+        twin.set_ylabel("gradient norm", color="tab:red")
+
+    ax = axes[1, 1]
+    if harness_keys:
+        for key in harness_keys:
+            ax.plot(*series(key), marker="o", label=key.removeprefix("harness/"))
+        ax.set(title="evaluation harness", xlabel="step", ylabel="score")
+        ax.legend()
+    elif val_keys:
+        for key in val_keys:
+            ax.plot(*series(key.removesuffix("loss") + "ppl"), marker="o", label=key.removesuffix("/loss"))
+        ax.set(title="validation perplexity", xlabel="step", ylabel="perplexity")
+        ax.legend()
+    else:
+        ax.plot(*series("tokens_seen"), color="tab:gray")
+        ax.set(title="tokens seen", xlabel="step", ylabel="tokens")
+    ax.grid(alpha=0.3)
+
+    fig.savefig(output, dpi=90)
+    plt.close(fig)
+
+
+def _smoothed(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction, so the first points are not pulled to zero."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * v
+        out.append(average / (1 - weight**i))
+    return out
