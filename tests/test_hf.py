@@ -1,0 +1,404 @@
+"""Hugging Face interop: HF GPT-J -> our params -> checkpoint -> HF folder keeps the logits; a model trained
+on a (2, 4) mesh exports and generates the same greedy tokens in `transformers`; original Mesh-Transformer-JAX
+checkpoints import; bad folders and checkpoints give one clear error."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from test_model import random_hf_model
+from transformers import AutoTokenizer, GPTJForCausalLM
+
+from mesh_transformer import original
+from mesh_transformer.checkpoint import CheckpointManager, save_params
+from mesh_transformer.config import from_dict
+from mesh_transformer.errors import UserError
+from mesh_transformer.hf import (
+    LAYERS,
+    PADDED_VOCAB_BIAS,
+    InteropError,
+    expected_shapes,
+    export_checkpoint,
+    load_hf_params,
+    load_pretrained_params,
+    params_from_hf,
+)
+from mesh_transformer.model import ModelShape, build
+from mesh_transformer.sampling import generate
+from mesh_transformer.sharding import make_mesh
+from mesh_transformer.train import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+    values = dict(
+        layers=2,
+        d_model=64,
+        n_heads=4,
+        n_vocab=96,
+        seq=32,
+        pe_rotary_dims=8,
+        compute_dtype="float32",
+        remat="none",
+    )
+    return from_dict({**values, **overrides})
+
+
+def our_logits(config, params, tokens_BT) -> np.ndarray:
+    model = build(ModelShape.from_config(config))
+    return np.asarray(jax.jit(model.apply)(jax.device_get(params), None, jnp.asarray(tokens_BT)))
+
+
+def hf_logits(hf: GPTJForCausalLM, tokens_BT) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.from_numpy(np.asarray(tokens_BT)).long()).logits.float().numpy()
+
+
+def hf_state(hf: GPTJForCausalLM) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "n_embd,n_head,rotary_dim,hf_vocab,n_vocab",
+    [
+        (64, 4, 8, 96, 96),  # rotary on half the head
+        (96, 3, 32, 96, 96),  # rotary on the whole head
+        (64, 4, 16, 90, 96),  # vocabulary padded from 90 to 96 rows
+    ],
+)
+def test_hf_import_export_roundtrip_keeps_logits(
+    tmp_path, capsys, n_embd, n_head, rotary_dim, hf_vocab, n_vocab
+):
+    hf = random_hf_model(n_embd=n_embd, n_head=n_head, rotary_dim=rotary_dim, vocab=hf_vocab)
+    hf.save_pretrained(tmp_path / "hf")
+    config = tiny_config(d_model=n_embd, n_heads=n_head, pe_rotary_dims=rotary_dim, n_vocab=n_vocab)
+    tokens_BT = np.random.default_rng(0).integers(0, hf_vocab, (2, 20))
+    expected = hf_logits(hf, tokens_BT)
+
+    params = load_pretrained_params(str(tmp_path / "hf"), config)
+    ours = our_logits(config, params, tokens_BT)
+    assert ours.shape == (2, 20, n_vocab)
+    np.testing.assert_allclose(ours[..., :hf_vocab], expected, atol=1e-4, rtol=0)
+    if hf_vocab < n_vocab:
+        assert (
+            f"padding the vocabulary from {hf_vocab} to the config's n_vocab {n_vocab}"
+            in capsys.readouterr().out
+        )
+        np.testing.assert_array_equal(ours[..., hf_vocab:], PADDED_VOCAB_BIAS)
+
+    save_params(str(tmp_path / "ckpt"), params)
+    result = export_checkpoint(str(tmp_path / "ckpt"), config, str(tmp_path / "out"))
+    assert result.weight_files == ["model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "out")) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    exported = GPTJForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert exported.config.vocab_size == n_vocab and exported.config.rotary_dim == rotary_dim
+    again = hf_logits(exported, tokens_BT)
+    np.testing.assert_allclose(again[..., :hf_vocab], expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(again, ours, atol=1e-4, rtol=0)
+
+
+def test_import_reads_sharded_safetensors_bfloat16_and_pytorch_bin(tmp_path):
+    hf = random_hf_model()
+    config = tiny_config()
+    state = hf_state(hf)
+    expected = params_from_hf(state, config.layers)
+
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    (tmp_path / "bin").mkdir()
+    os.replace(tmp_path / "pytorch_model.bin", tmp_path / "bin" / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "bin" / "config.json")
+    for folder in ("sharded", "bin"):
+        got = load_hf_params(str(tmp_path / folder), config)
+        for module, leaves in expected.items():
+            for name, value in leaves.items():
+                np.testing.assert_array_equal(got[module][name], value, err_msg=f"{folder} {module}/{name}")
+
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    got = load_hf_params(str(tmp_path / "bf16"), config)
+    rounded = params_from_hf({k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}, config.layers)
+    np.testing.assert_array_equal(got[LAYERS + "fc_in"]["w"], rounded[LAYERS + "fc_in"]["w"])
+    assert not np.array_equal(got[LAYERS + "fc_in"]["w"], expected[LAYERS + "fc_in"]["w"])
+
+
+def test_import_places_leaves_on_a_mesh(tmp_path):
+    hf = random_hf_model(vocab=96)
+    hf.save_pretrained(tmp_path / "hf")
+    config = tiny_config(tpu_size=8, cores_per_replica=4)
+    trainer = Trainer(config, make_mesh(2, 4))
+    params = load_pretrained_params(str(tmp_path / "hf"), config, trainer.abstract_state.params)
+    q = params[LAYERS + "q_proj"]["w"]
+    assert q.sharding == trainer.abstract_state.params[LAYERS + "q_proj"]["w"].sharding
+    assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 64, 16)
+    tokens_BT = np.random.default_rng(1).integers(0, 96, (1, 12))
+    np.testing.assert_allclose(
+        our_logits(config, params, tokens_BT), hf_logits(hf, tokens_BT), atol=1e-4, rtol=0
+    )
+
+
+def write_word_tokenizer(path, words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def test_model_trained_on_a_mesh_exports_and_generates_the_same_greedy_tokens(tmp_path):
+    config = tiny_config(
+        n_vocab=128, tpu_size=8, cores_per_replica=4, lr=3e-3, warmup_steps=0, total_steps=10
+    )
+    trainer = Trainer(config, make_mesh(2, 4))
+    state = trainer.init_state(0)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        batch = rng.integers(0, 100, (1, config.global_batch, config.seq + 1))
+        state, _ = trainer.step(state, trainer.global_batch(batch))
+    model_dir = tmp_path / "run"
+    manager = CheckpointManager(str(model_dir))
+    manager.save(3, state, {})
+    manager.wait()
+    (model_dir / "dataset").mkdir()
+    words = [f"w{i}" for i in range(100)]
+    tokenizer = write_word_tokenizer(model_dir / "dataset" / "tokenizer.json", words)
+
+    # The model_dir resolves to its newest step; the run's tokenizer comes along; several weight files.
+    result = export_checkpoint(str(model_dir), config, str(tmp_path / "hf"), max_shard_bytes=60_000)
+    assert len(result.weight_files) > 1 and result.tokenizer.endswith("tokenizer.json")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(result.weight_files)
+    exported = GPTJForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert exported.config.eos_token_id == 0
+
+    params = jax.device_get(state.params)
+    tokens_BT = rng.integers(0, 128, (2, config.seq))
+    np.testing.assert_allclose(
+        hf_logits(exported, tokens_BT), our_logits(config, params, tokens_BT), atol=1e-4
+    )
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "w3 w14 w15 w92 w65"
+    prompt = hf_tokenizer(text)["input_ids"]
+    assert prompt == tokenizer.encode(text).ids
+    ours = generate(
+        ModelShape.from_config(config), params, prompt, 12, seq=config.seq, vocab_size=128, temperature=0.0
+    )
+    with torch.no_grad():
+        theirs = exported.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert ours == theirs
+
+    bf16 = export_checkpoint(str(model_dir), config, str(tmp_path / "bf16"), dtype="bfloat16")
+    assert bf16.weight_bytes < result.weight_bytes * 0.6
+    half = GPTJForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    diff = np.abs(hf_logits(half, tokens_BT) - our_logits(config, params, tokens_BT)).max()
+    assert 0 < diff < 0.1
+
+
+# ----- the original Mesh-Transformer-JAX layout, written by the test from known params -----
+
+
+def write_original_checkpoint(model_dir, params, config, *, shards=8, full=True, bf16=False, step=7):
+    """Split our `params` the way the original sharded and saved them (see REFERENCE section 5)."""
+    rng = np.random.default_rng(42)
+    layers = config.layers
+    per_shard = [dict() for _ in range(shards)]
+
+    def split(value, axis):
+        return np.split(value, shards, axis=axis)
+
+    def spread(total):  # random parts that sum to `total`, as per-shard biases of a row-parallel linear
+        parts = [rng.normal(size=total.shape).astype(np.float32) for _ in range(shards - 1)]
+        return [*parts, total - np.sum(parts, axis=0)]
+
+    def replicated(value):  # the original kept a copy per shard; only shard 0's is authoritative
+        return [value] + [value + 1.0 for _ in range(shards - 1)]
+
+    def put(name, values):
+        for s in range(shards):
+            per_shard[s][name] = values[s]
+
+    root = original.ROOT
+    emb_bias = spread(np.zeros(config.d_model, np.float32) + 0.25)
+    put((original.EMBEDDING, "b"), emb_bias)
+    put((original.EMBEDDING, "w"), split(params["gptj"]["embeddings"] - np.sum(emb_bias, axis=0), 0))
+    put((original.PROJECTION, "w"), split(params["gptj/lm_head"]["w"], 1))
+    put((original.PROJECTION, "b"), split(params["gptj/lm_head"]["b"], 0))
+    put((original.FINAL_NORM, "scale"), replicated(params["gptj/ln_f"]["scale"]))
+    put((original.FINAL_NORM, "offset"), replicated(params["gptj/ln_f"]["offset"]))
+    for k in range(layers):
+
+        def ours(module, name, k=k):
+            return params[LAYERS + module][name][k]
+
+        for linear, module in [("linear", "q_proj"), ("linear_1", "v_proj"), ("linear_2", "k_proj")]:
+            put((f"{root}layer_{k}/~/{linear}", "w"), split(ours(module, "w"), 1))
+        put((f"{root}layer_{k}/~/linear_3", "w"), split(ours("out_proj", "w"), 0))
+        put((f"{root}layer_{k}/~/linear_4", "w"), split(ours("fc_in", "w"), 1))
+        put((f"{root}layer_{k}/~/linear_4", "b"), split(ours("fc_in", "b"), 0))
+        put((f"{root}layer_{k}/~/linear_5", "w"), split(ours("fc_out", "w"), 0))
+        put((f"{root}layer_{k}/~/linear_5", "b"), spread(ours("fc_out", "b")))
+        put((f"{root}layer_{k}/~/replicated_layer_norm", "scale"), replicated(ours("ln_1", "scale")))
+        put((f"{root}layer_{k}/~/replicated_layer_norm", "offset"), replicated(ours("ln_1", "offset")))
+
+    step_dir = os.path.join(model_dir, f"step_{step}")
+    for s in range(shards):
+        # A nested dict flattened by sorted keys, as jax.tree_flatten does: module, then param name.
+        modules: dict[str, dict] = {}
+        for (module, name), value in per_shard[s].items():
+            modules.setdefault(module, {})[name] = value.astype(ml_dtypes.bfloat16) if bf16 else value
+        leaves = [modules[m][n] for m in sorted(modules) for n in sorted(modules[m])]
+        if full:  # opt_state (sorted first): a count and two moment trees shaped like the params
+            leaves = [np.int32(3), *[v * 0 + 0.5 for v in leaves], *[v * 0 + 2.0 for v in leaves], *leaves]
+        leaves.append(np.int32(step))
+        chunks = np.array_split(np.arange(len(leaves)), 16)
+        os.makedirs(os.path.join(step_dir, f"shard_{s}"))
+        for c, idx in enumerate(chunks):
+            np.savez(os.path.join(step_dir, f"shard_{s}", f"{c}.npz"), *[leaves[i] for i in idx])
+    with open(os.path.join(model_dir, "meta.json"), "w") as f:
+        json.dump({"step": step, "checkpoints": [step], "aux": {str(step): {}}}, f)
+
+
+def random_params(config, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        module: {name: rng.normal(scale=0.2, size=shape).astype(np.float32) for name, shape in leaves.items()}
+        for module, leaves in expected_shapes(config).items()
+    }
+
+
+def test_original_full_checkpoint_imports_exactly(tmp_path):
+    config = tiny_config(n_heads=8, n_vocab=96)
+    params = random_params(config)
+    write_original_checkpoint(str(tmp_path / "orig"), params, config, full=True)
+    assert original.is_original_checkpoint(str(tmp_path / "orig"))
+    got = load_pretrained_params(str(tmp_path / "orig"), config)
+    for module, leaves in params.items():
+        for name, value in leaves.items():
+            np.testing.assert_allclose(
+                got[module][name], value, atol=2e-6, rtol=0, err_msg=f"{module}/{name}"
+            )
+    tokens_BT = np.random.default_rng(3).integers(0, 96, (1, 16))
+    np.testing.assert_allclose(
+        our_logits(config, got, tokens_BT), our_logits(config, params, tokens_BT), atol=1e-4, rtol=0
+    )
+
+
+def test_original_slim_bfloat16_step_dir_imports_and_pads_vocab(tmp_path, capsys):
+    small = tiny_config(n_heads=8, n_vocab=96)
+    params = random_params(small, seed=1)
+    write_original_checkpoint(str(tmp_path / "orig"), params, small, full=False, bf16=True, step=5)
+    config = small.replace(n_vocab=104)
+    got = load_pretrained_params(str(tmp_path / "orig" / "step_5"), config)
+    assert "padding the vocabulary from 96 to the config's n_vocab 104" in capsys.readouterr().out
+    assert got["gptj"]["embeddings"].shape == (104, 64) and got["gptj/lm_head"]["b"].shape == (104,)
+    np.testing.assert_array_equal(got["gptj/lm_head"]["b"][96:], PADDED_VOCAB_BIAS)
+    np.testing.assert_array_equal(got["gptj/lm_head"]["w"][:, 96:], 0)
+    q = params[LAYERS + "q_proj"]["w"]
+    np.testing.assert_array_equal(
+        got[LAYERS + "q_proj"]["w"], q.astype(ml_dtypes.bfloat16).astype(np.float32)
+    )
+    np.testing.assert_allclose(got["gptj"]["embeddings"][:96], params["gptj"]["embeddings"], atol=0.05)
+    np.testing.assert_allclose(got[LAYERS + "fc_out"]["b"], params[LAYERS + "fc_out"]["b"], atol=0.05)
+
+
+# ----- errors -----
+
+
+@pytest.mark.parametrize(
+    "field,override,message",
+    [
+        ("d_model", dict(d_model=96, n_heads=4), "n_embd is 64 but the config's d_model is 96"),
+        ("layers", dict(layers=3), "n_layer is 2 but the config's layers is 3"),
+        ("n_heads", dict(n_heads=8), "n_head is 4 but the config's n_heads is 8"),
+        ("rotary", dict(pe_rotary_dims=16), "rotary_dim is 8 but the config's pe_rotary_dims is 16"),
+        ("vocab", dict(n_vocab=64), "vocabulary of 96 rows but the config's n_vocab is 64"),
+    ],
+)
+def test_mismatched_hf_folder_names_the_field(tmp_path, field, override, message):
+    random_hf_model(vocab=96).save_pretrained(tmp_path / "hf")
+    with pytest.raises(InteropError, match=message):
+        load_pretrained_params(str(tmp_path / "hf"), tiny_config(**override))
+
+
+def test_bad_folders_and_checkpoints_give_one_clear_error(tmp_path):
+    config = tiny_config()
+    assert issubclass(InteropError, UserError)
+    with pytest.raises(UserError, match="no checkpoint found"):
+        load_pretrained_params(str(tmp_path / "nothing"), config)
+
+    hf = random_hf_model(vocab=96)
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(InteropError, match="not a readable safetensors file"):
+        load_hf_params(str(tmp_path / "hf"), config)
+    os.remove(weights)
+    with pytest.raises(InteropError, match="holds no weights"):
+        load_hf_params(str(tmp_path / "hf"), config)
+
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InteropError, match="model_type is 'llama', expected 'gptj'"):
+        load_hf_params(str(tmp_path / "llama"), config)
+
+    write_original_checkpoint(
+        str(tmp_path / "orig"), random_params(tiny_config(n_heads=8)), config, full=False
+    )
+    with pytest.raises(InteropError, match="has shape .* but the config"):
+        load_pretrained_params(str(tmp_path / "orig"), tiny_config(d_model=128, n_heads=8))
+    os.remove(tmp_path / "orig" / "step_7" / "shard_3" / "15.npz")
+    with pytest.raises(InteropError, match="shards hold different numbers of leaves"):
+        load_pretrained_params(str(tmp_path / "orig"), config)
+
+
+def test_export_refuses_a_non_empty_output_and_a_mismatched_config(tmp_path):
+    config = tiny_config()
+    save_params(str(tmp_path / "ckpt"), random_params(config))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("precious")
+    with pytest.raises(InteropError, match="already exists and is not empty"):
+        export_checkpoint(str(tmp_path / "ckpt"), config, str(tmp_path / "taken"))
+    assert os.listdir(tmp_path / "taken") == ["keep.txt"]
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "precious"
+    with pytest.raises(InteropError, match=r"has shape \(96, 64\) but the config .* expects \(128, 64\)"):
+        export_checkpoint(str(tmp_path / "ckpt"), config.replace(n_vocab=128), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+    (tmp_path / "empty").mkdir()  # an existing empty directory is fine
+    export_checkpoint(str(tmp_path / "ckpt"), config, str(tmp_path / "empty"))
+    assert "model.safetensors" in os.listdir(tmp_path / "empty")
+
+
+def test_export_script_prints_one_line_and_exits_non_zero_on_bad_input(tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(tiny_config().to_dict()))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    missing = subprocess.run(
+        [sys.executable, "to_hf_weights.py", "--config", str(config_path), "--ckpt", str(tmp_path / "none")]
+        + ["--output-path", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 1
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no checkpoint found" in lines[0]
+    assert not os.path.exists(tmp_path / "out")
