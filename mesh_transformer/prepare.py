@@ -60,7 +60,15 @@ def gcs_client() -> Any:
         from google.auth.credentials import AnonymousCredentials
 
         return storage.Client(project="emulator", credentials=AnonymousCredentials())
-    return storage.Client()
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        return storage.Client()
+    except DefaultCredentialsError:
+        raise DataError(
+            "gs:// paths need Google Cloud credentials; run `gcloud auth application-default login` "
+            "or set GOOGLE_APPLICATION_CREDENTIALS"
+        ) from None
 
 
 def gcs_blob(path: str) -> Any:
