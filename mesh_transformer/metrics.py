@@ -266,6 +266,10 @@ def plot_metrics(model_dir: str, output: str) -> None:
     import matplotlib.pyplot as plt
 
     records, events = read_metrics(model_dir)
+    if not output.lower().endswith(".png"):
+        raise UserError(f"plot output {output} must be a .png file")
+    if os.path.dirname(output) and not os.path.isdir(os.path.dirname(output)):
+        raise UserError(f"cannot write {output}: directory {os.path.dirname(output)} does not exist")
 
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
