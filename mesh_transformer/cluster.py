@@ -39,7 +39,7 @@ class ClusterOptions:
         None  # HOST:PORT of a running Ray head, "auto", or None: a local Ray on 127.0.0.1
     )
     # Custom resources every actor needs, e.g. {"tpu": 1} when each TPU host was started with
-    # `ray start --resources='{"tpu": 1}'`. Actors of a remote cluster are also spread one per node.
+    # `ray start --resources='{"tpu": 1}'`. On a multi-node cluster actors are also spread one per node.
     actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     step_timeout_s: float = 900.0  # no step finished for this long (once one has): the group is hung
     startup_timeout_s: float = 3600.0  # start, restore, compile and first step of a fresh group
@@ -66,6 +66,24 @@ class Fault:
                 f"{FAULT_ENV}={spec!r}: expected die:HOST@STEP or hang:HOST@STEP with HOST < {hosts}"
             )
         return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """`tpu=1,ssd=0.5` -> {"tpu": 1.0, "ssd": 0.5}: the custom Ray resources each actor needs."""
+    resources = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, count = item.partition("=")
+        try:
+            value = float(count)
+        except ValueError:
+            value = -1.0
+        if not name.strip() or value <= 0:
+            raise ClusterError(
+                f"--actor-resources {text!r}: expected NAME=COUNT[,NAME=COUNT...] with positive counts, "
+                "e.g. tpu=1"
+            )
+        resources[name.strip()] = value
+    return resources
 
 
 def check_hosts(config: Config, hosts: int) -> None:
@@ -151,8 +169,32 @@ class HostWorker:
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(10**6)  # "hang": only the driver's step timeout ends this
 
-        options = dataclasses.replace(options, progress=False, on_step=on_step)
-        return run.train(config, options)
+        prompt = options.sample_prompt
+        metrics = run.train(
+            config, dataclasses.replace(options, progress=False, on_step=on_step, sample_prompt=None)
+        )
+        if prompt is not None and self.process_id == 0:
+            metrics = dict(metrics, sample=self._sample(config, options, prompt))
+        return metrics
+
+    @staticmethod
+    def _sample(config: Config, options: RunOptions, prompt: str) -> str:
+        """The run loop's own sample fetches params from every device, which here span hosts; process 0
+        instead reads the final checkpoint's params onto its host CPU and samples there."""
+        import jax
+
+        from mesh_transformer import run
+        from mesh_transformer.checkpoint import load_params
+        from mesh_transformer.memory import abstract_params
+
+        cpu = jax.local_devices(backend="cpu")[0]
+        on_cpu = jax.sharding.SingleDeviceSharding(cpu)
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_cpu), abstract_params(config)
+        )
+        params = load_params(options.model_dir, target)
+        with jax.default_device(cpu):
+            return run.sample_text(config, params, options.data[0], prompt, options.sample_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -168,6 +210,7 @@ def connect(address: str | None, hosts: int) -> None:
         # Ray 2.60 otherwise advertises the external address and listens on every interface (REFERENCE 8).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
+            address="local",  # a new instance, never one some other run on this machine started
             num_cpus=max(hosts, os.cpu_count() or 1),
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -298,6 +341,9 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
                 attempt == 0,
             )
             if outcome.metrics is not None:
+                if "sample" in outcome.metrics:
+                    bar.close()
+                    print(outcome.metrics["sample"])
                 return outcome.metrics
             attempt += 1
             committed = checkpoints.latest_step() or 0
@@ -315,7 +361,9 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
                 resume_step=committed,
                 backoff_s=backoff,
             )
-            _log_event(MetricsLog(options.model_dir), "recovery", event)
+            log = MetricsLog(options.model_dir)  # written between groups, never beside actor 0's writer
+            log.event("recovery", **event)
+            log.close()
             bar.write(
                 f"recovery {attempt}: {outcome.reason}; restarting {cluster.hosts} hosts from step "
                 f"{committed} in {backoff:.0f} s",
@@ -394,13 +442,3 @@ def _run_group(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def _log_event(log: Any, kind: str, fields: dict) -> None:
-    try:
-        if hasattr(log, "event"):
-            log.event(kind, **fields)
-        else:
-            log.write({"event": kind, "time": time.time(), **fields})
-    finally:
-        log.close()
