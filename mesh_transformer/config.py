@@ -208,6 +208,11 @@ def validate(c: Config) -> Config:
         raise ConfigError(f"remat must be one of {', '.join(_REMAT)}, got {c.remat!r}")
     if c.shard_params_over_dp and not c.shard_optimizer_over_dp:
         raise ConfigError("shard_params_over_dp requires shard_optimizer_over_dp")
+    if (c.shard_optimizer_over_dp or c.shard_params_over_dp) and c.d_model % c.dp:
+        raise ConfigError(
+            f"shard_optimizer_over_dp / shard_params_over_dp split d_model over dp = tpu_size / "
+            f"cores_per_replica, so d_model ({c.d_model}) must be divisible by dp ({c.dp})"
+        )
     return c
 
 

@@ -50,6 +50,13 @@ class Trainer:
 
         abstract = jax.eval_shape(self._init, jax.ShapeDtypeStruct((2,), jnp.uint32))
         self.state_shardings = self._state_shardings(abstract)
+        # gradients: accumulated split over dp, then handed to the optimizer in its moments' sharding
+        grad_rules = sharding.gradient_rules(config)
+        optimizer_rules = sharding.logical_rules(config, for_optimizer=True)
+        self.grad_shardings, self.optimizer_param_shardings = (
+            sharding.tree_shardings(mesh, sharding.param_specs(abstract.params, rules))
+            for rules in (grad_rules, optimizer_rules)
+        )
         self.batch_sharding = sharding.batch_sharding(mesh)
         replicated = sharding.replicated(mesh)
         self.abstract_state = jax.tree_util.tree_map(
@@ -57,6 +64,7 @@ class Trainer:
         )
 
         self._jit_init = jax.jit(self._init, out_shardings=self.state_shardings)
+        self._jit_from_params = jax.jit(self._from_params, out_shardings=self.state_shardings)
         self.step = jax.jit(
             self._step,
             in_shardings=(self.state_shardings, self.batch_sharding),
@@ -92,7 +100,9 @@ class Trainer:
     def _init(self, key: jax.Array) -> TrainState:
         """key: a raw uint32[2] PRNG key."""
         dummy_BT = jnp.zeros((1, self.config.seq), jnp.int32)
-        params = self.model.init(key, dummy_BT)
+        return self._from_params(self.model.init(key, dummy_BT))
+
+    def _from_params(self, params) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
 
     def _loss(self, params, tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -108,11 +118,12 @@ class Trainer:
                 (_, ce), grads = grad_fn(state.params, tokens_BT1)
                 return jax.tree_util.tree_map(jnp.add, grad_sum, grads), ce
 
-            # float32 accumulator pinned to the params' sharding (never bf16: see REFERENCE section 3)
+            # float32 accumulator (never bf16: see REFERENCE section 3)
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            zeros = jax.lax.with_sharding_constraint(zeros, self.state_shardings.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, self.grad_shardings)
             grad_sum, ce_A = jax.lax.scan(micro_step, zeros, tokens_ABT1)
             grads = jax.tree_util.tree_map(lambda g: g / tokens_ABT1.shape[0], grad_sum)
+            grads = jax.lax.with_sharding_constraint(grads, self.optimizer_param_shardings)
 
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
@@ -130,6 +141,10 @@ class Trainer:
     # ----- host-side helpers -----
     def init_state(self, seed: int) -> TrainState:
         return self._jit_init(jax.random.PRNGKey(seed))
+
+    def state_from_params(self, params) -> TrainState:
+        """Step 0 with a fresh optimizer around `params`: where fine-tuning starts (schedule from step 0)."""
+        return self._jit_from_params(params)
 
     def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
         """This process's rows (A, B / processes, T + 1) -> one global array split over `dp`."""
