@@ -64,7 +64,7 @@ class Config:
     remat: str = "layer"  # activation checkpointing: "none" or "layer" (recompute each layer in backward)
     z_loss: float = 1e-4  # coefficient of log(Z)^2 added to the loss, as the original trained with
     keep_n: int = 3  # checkpoints kept besides every `keep_every`-th step
-    tokenizer: str = ""  # tokenizer.json used with raw text data; "" = GPT-2 BPE padded to n_vocab
+    tokenizer: str = ""  # tokenizer.json for raw-text --data (--tokenizer overrides); none is bundled
     shard_optimizer_over_dp: bool = False  # ZeRO-1: optimizer state also split over the `dp` axis
     shard_params_over_dp: bool = False  # ZeRO-3: params also split over `dp`, gathered per layer
     tensorboard: bool = False  # also write TensorBoard event files to {model_dir}/tensorboard
