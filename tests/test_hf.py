@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from test_checkpoint_gcs import BUCKET, emulator  # noqa: F401 - the gs:// emulator fixture
 from test_model import random_hf_model
 from transformers import AutoTokenizer, GPTJForCausalLM
 
@@ -209,6 +210,30 @@ def test_model_trained_on_a_mesh_exports_and_generates_the_same_greedy_tokens(tm
     half = GPTJForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
     diff = np.abs(hf_logits(half, tokens_BT) - our_logits(config, params, tokens_BT)).max()
     assert 0 < diff < 0.1
+
+
+def test_export_reads_a_gcs_model_dir_and_its_tokenizer(tmp_path, emulator):  # noqa: F811
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    config = tiny_config(tpu_size=8, cores_per_replica=4)
+    trainer = Trainer(config, make_mesh(2, 4))
+    params = trainer.init_state(1).params
+    model_dir = f"gs://{BUCKET}/runs/hf"
+    save_params(f"{model_dir}/step_5", params)
+    tokenizer = write_word_tokenizer(tmp_path / "tokenizer.json", ["alpha", "beta"])
+    bucket = storage.Client(project="test", credentials=AnonymousCredentials()).bucket(BUCKET)
+    bucket.blob("runs/hf/dataset/tokenizer.json").upload_from_filename(tmp_path / "tokenizer.json")
+
+    result = export_checkpoint(f"{model_dir}/step_5", config, str(tmp_path / "hf"))
+    assert result.tokenizer == f"{model_dir}/dataset/tokenizer.json"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")("beta alpha")["input_ids"] == [2, 1]
+    assert tokenizer.encode("beta alpha").ids == [2, 1]
+    exported = GPTJForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens_BT = np.random.default_rng(5).integers(0, 96, (1, 10))
+    np.testing.assert_allclose(
+        hf_logits(exported, tokens_BT), our_logits(config, params, tokens_BT), atol=1e-4
+    )
 
 
 # ----- the original Mesh-Transformer-JAX layout, written by the test from known params -----
