@@ -20,14 +20,19 @@ GiB = 1024**3
 
 
 class MemoryEstimate(NamedTuple):
+    """Bytes one device holds. The step's peak is the state plus the larger of its two phases: the
+    micro-batches (gradients + activations), then the optimizer update (`update`) once activations are gone.
+    Calibrated against the TPU compiler (`scripts/aot_compile.py`): within 25% for the shipped configs."""
+
     params: int  # float32 master weights held by one device
     optimizer: int  # Adam moments (two float32 copies) held by one device
-    gradients: int  # float32 accumulator + one micro-batch's gradients
+    gradients: int  # float32 accumulator + one micro-batch's gradients, both split over dp
     activations: int  # what the forward keeps for the backward, plus one layer's recompute and the logits
+    update: int  # during the update: accumulator + gradients (or updates) gathered to the params' sharding
 
     @property
     def total(self) -> int:
-        return self.params + self.optimizer + self.gradients + self.activations
+        return self.params + self.optimizer + max(self.gradients + self.activations, self.update)
 
 
 def abstract_params(config: Config):
@@ -50,8 +55,14 @@ def estimate(config: Config, params=None) -> MemoryEstimate:
     params = abstract_params(config) if params is None else params
     mesh_sizes = {sharding.DP: config.dp, sharding.MP: config.mp}
     param_bytes = _sharded_bytes(params, sharding.logical_rules(config), mesh_sizes)
-    opt_bytes = 2 * _sharded_bytes(params, sharding.logical_rules(config, for_optimizer=True), mesh_sizes)
-    grad_bytes = 2 * param_bytes
+    opt_param_bytes = _sharded_bytes(params, sharding.logical_rules(config, for_optimizer=True), mesh_sizes)
+    grad_bytes = _sharded_bytes(params, sharding.gradient_rules(config), mesh_sizes)
+    if config.shard_params_over_dp:
+        update = grad_bytes + 2 * opt_param_bytes  # gradients and updates, all split over dp
+    else:
+        # Params replicated over dp need the whole update: the gradients gathered to the moments' sharding
+        # (plain), or the updates gathered back from it (ZeRO-1). XLA streams part of it, not all.
+        update = grad_bytes + param_bytes
 
     # Activations of one micro-batch on one device (batch split over dp; heads, mlp, vocab over mp).
     B, T, D, L = config.per_replica_batch, config.seq, config.d_model, config.layers
@@ -68,5 +79,9 @@ def estimate(config: Config, params=None) -> MemoryEstimate:
         kept = L * B * T * D * 4 + one_layer  # each layer's input, plus one layer recomputed in backward
     else:
         kept = L * one_layer
+    if config.shard_params_over_dp:
+        # one layer's weights gathered over dp (float32 and compute dtype), the next one prefetched
+        layer_bytes = 12 * D * D // mp
+        kept += 2 * layer_bytes * (4 + act)
     logits = 3 * B * T * config.n_vocab // mp * 4  # logits, their gradient, the one-hot product
-    return MemoryEstimate(param_bytes, opt_bytes, grad_bytes, kept + logits)
+    return MemoryEstimate(param_bytes, 2 * opt_param_bytes, 2 * grad_bytes, kept + logits, update)
