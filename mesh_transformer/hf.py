@@ -223,8 +223,9 @@ class _SafetensorsFile:
                 header = json.loads(f.read(header_len))
             self.data_start = 8 + header_len
             self.tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            for info in self.tensors.values():
-                info["dtype"], info["shape"], info["data_offsets"]  # noqa: B018 - a malformed entry raises
+            for name, info in self.tensors.items():
+                if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+                    raise ValueError(f"header entry {name} lacks dtype, shape or data_offsets")
         except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
             raise InteropError(f"{path}: not a readable safetensors file ({e})") from None
 
