@@ -23,6 +23,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--dry-run", action="store_true", help="print config, mesh, parameters, memory; build nothing"
     )
+    p.add_argument(
+        "--aot", metavar="TOPOLOGY", help="compile the step for a TPU topology (v3:8x16 ...), report memory"
+    )
     p.add_argument("--sample-prompt", default="", help="prompt of the sample printed after training")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of that sample (0: no sample)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -40,6 +43,12 @@ def main() -> None:
         from mesh_transformer.run import describe
 
         print(describe(config))
+        return
+    if args.aot:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only; the TPU devices come from the topology
+        from mesh_transformer.aot import check
+
+        check(config, args.aot)
         return
 
     import jax
