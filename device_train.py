@@ -29,6 +29,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-prompt", default="", help="prompt of the sample printed after training")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of that sample (0: no sample)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("multi-host training with Ray (see README)")
+    ray.add_argument("--hosts", type=int, help="train on this many Ray actors, one per host (default: here)")
+    ray.add_argument(
+        "--ray-address", help="HOST:PORT of a running Ray head, or auto (default: a private local Ray)"
+    )
+    ray.add_argument("--actor-resources", default="", help="custom Ray resources per actor, e.g. tpu=1")
+    ray.add_argument(
+        "--step-timeout", type=float, default=900.0, help="seconds without a step before restarting the hosts"
+    )
+    ray.add_argument(
+        "--max-restarts", type=int, default=5, help="consecutive restarts without a new checkpoint"
+    )
     return p.parse_args()
 
 
@@ -51,11 +63,8 @@ def main() -> None:
         check(config, args.aot)
         return
 
-    import jax
-
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        jax.config.update("jax_num_cpu_devices", config.tpu_size)  # emulate the mesh on a CPU-only host
-    check_device_count(config, jax.device_count())
+    if args.hosts is None and (args.ray_address or args.actor_resources):
+        raise_user_error("--ray-address and --actor-resources need --hosts N (the number of hosts)")
 
     from mesh_transformer.run import RunOptions, model_dir_for, train
 
@@ -68,6 +77,24 @@ def main() -> None:
         sample_prompt=args.sample_prompt if args.sample_tokens > 0 else None,
         sample_tokens=args.sample_tokens,
     )
+    if args.hosts is not None:  # this process only drives: the actors own the devices
+        from mesh_transformer import cluster
+
+        cluster_options = cluster.ClusterOptions(
+            hosts=args.hosts,
+            ray_address=args.ray_address,
+            actor_resources=cluster.parse_resources(args.actor_resources),
+            step_timeout_s=args.step_timeout,
+            max_restarts=args.max_restarts,
+        )
+        cluster.train(config, options, cluster_options)
+        return
+
+    import jax
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jax.config.update("jax_num_cpu_devices", config.tpu_size)  # emulate the mesh on a CPU-only host
+    check_device_count(config, jax.device_count())
     train(config, options)
 
 
