@@ -14,10 +14,6 @@ import sys
 import time
 from typing import Any
 
-import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
 from mesh_transformer.run import RunOptions
@@ -35,9 +31,8 @@ class ClusterError(UserError):
 @dataclasses.dataclass
 class ClusterOptions:
     hosts: int  # actors, one per host; each drives tpu_size / hosts devices
-    ray_address: str | None = (
-        None  # HOST:PORT of a running Ray head, "auto", or None: a local Ray on 127.0.0.1
-    )
+    # HOST:PORT of a running Ray head, "auto", or None: start a private local Ray on 127.0.0.1.
+    ray_address: str | None = None
     # Custom resources every actor needs, e.g. {"tpu": 1} when each TPU host was started with
     # `ray start --resources='{"tpu": 1}'`. On a multi-node cluster actors are also spread one per node.
     actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -86,8 +81,15 @@ def parse_resources(text: str) -> dict[str, float]:
     return resources
 
 
-def check_hosts(config: Config, hosts: int) -> None:
+def check_options(config: Config, cluster: ClusterOptions) -> None:
     """Each host must hold whole model-parallel groups and an equal share of every batch."""
+    hosts = cluster.hosts
+    if cluster.step_timeout_s <= 0 or cluster.startup_timeout_s <= 0 or cluster.placement_timeout_s <= 0:
+        raise ClusterError(
+            f"--step-timeout {cluster.step_timeout_s:g}: timeouts must be positive numbers of seconds"
+        )
+    if cluster.max_restarts < 0:
+        raise ClusterError(f"--max-restarts {cluster.max_restarts}: expected 0 or more")
     if hosts < 1:
         raise ClusterError(f"--hosts {hosts}: expected a positive number of hosts")
     if config.tpu_size % hosts or (config.tpu_size // hosts) % config.mp:
@@ -101,12 +103,14 @@ def check_hosts(config: Config, hosts: int) -> None:
         )
 
 
+# Ray is imported inside functions: a local instance stays on 127.0.0.1 only if
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before the first `import ray` (see `connect`).
+
 # --------------------------------------------------------------------------------------------------------
 # Inside the actors.
 # --------------------------------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
 class _Reporter:
     """Collects what the actors report (fire-and-forget calls) until the driver drains it."""
 
@@ -133,6 +137,8 @@ class HostWorker:
 
     def address(self) -> tuple[str, int, int]:
         """(this node's IP, a free port on it, this process's pid): where process 0 serves the coordinator."""
+        import ray
+
         ip = ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((ip, 0))
@@ -204,11 +210,15 @@ class HostWorker:
 
 def connect(address: str | None, hosts: int) -> None:
     """Join the Ray cluster at `address`, or start a local one listening on 127.0.0.1 only."""
+    if address is None:
+        # Ray 2.60 otherwise advertises the external address and listens on every interface (REFERENCE 8);
+        # it reads this once, when first imported, and so do the processes it starts.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
     if ray.is_initialized():  # the caller (a test, a notebook) chose the cluster already
         return
     if address is None:
-        # Ray 2.60 otherwise advertises the external address and listens on every interface (REFERENCE 8).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
             address="local",  # a new instance, never one some other run on this machine started
             num_cpus=max(hosts, os.cpu_count() or 1),
@@ -247,6 +257,10 @@ class _Group:
     """One generation of actors: placed, started, joined into one mesh, and torn down as a unit."""
 
     def __init__(self, config: Config, cluster: ClusterOptions, spread: bool) -> None:
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.hosts = cluster.hosts
         bundle = {"CPU": 1.0, **cluster.actor_resources}
         self.pg = placement_group([bundle] * self.hosts, strategy="STRICT_SPREAD" if spread else "PACK")
@@ -273,6 +287,8 @@ class _Group:
     def start(
         self, config: Config, options: RunOptions, reporter: Any, fault: Fault | None, timeout: float
     ) -> str:
+        import ray
+
         addresses = ray.get([a.address.remote() for a in self.actors], timeout=timeout)
         self.where = [f"pid {pid} on {ip}" for ip, _, pid in addresses]
         coordinator = f"{addresses[0][0]}:{addresses[0][1]}"
@@ -280,6 +296,9 @@ class _Group:
         return coordinator
 
     def stop(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self.refs:  # the train calls end (with ActorDiedError) once their processes are gone
@@ -302,12 +321,14 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
     from mesh_transformer.checkpoint import CheckpointManager
     from mesh_transformer.metrics import MetricsLog
 
-    check_hosts(config, cluster.hosts)
+    check_options(config, cluster)
     fault = Fault.parse(
         cluster.fault if cluster.fault is not None else os.environ.get(FAULT_ENV), cluster.hosts
     )
-    local = cluster.ray_address is None and not ray.is_initialized()
     connect(cluster.ray_address, cluster.hosts)
+    import ray
+
+    local = cluster.ray_address is None
     spread = not local and len([n for n in ray.nodes() if n["Alive"]]) > 1
 
     # Prepared once here so the hosts do not race to prepare it; each then reads only its own rows.
@@ -322,7 +343,7 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
     actor_options = dataclasses.replace(options, data=[dataset_dir], on_step=None)
     checkpoints = CheckpointManager(options.model_dir)
     end_step = options.steps if options.steps is not None else config.total_steps
-    reporter = _Reporter.remote()
+    reporter = ray.remote(num_cpus=0)(_Reporter).remote()
     bar = tqdm(total=end_step, disable=not options.progress, unit="step", dynamic_ncols=True)
     failures, attempt = 0, 0
     try:
@@ -385,6 +406,8 @@ def _run_group(
     first: bool,
 ) -> _Outcome:
     """Start one group and watch it until it finishes or fails; the group is always torn down."""
+    import ray
+
     outcome = _Outcome()
     group = None
     try:
