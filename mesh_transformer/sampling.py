@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mesh_transformer import sharding
+from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
 from mesh_transformer.model import KVCache, ModelShape, build
 from mesh_transformer.prepare import EOS_CANDIDATES
@@ -278,9 +279,12 @@ class Generator:
         mesh: Mesh | None = None,
         max_batch: int = 16,
         chunk_tokens: int = 32,
+        batch_sizes: Sequence[int] | None = None,
     ):
         """`tokenizer` (a `tokenizers.Tokenizer`) gives text, stop strings, the vocabulary size and EOS;
-        without it pass `vocab_size` (and `eos_id`), and completions hold ids only."""
+        without it pass `vocab_size` (and `eos_id`), and completions hold ids only. A batch of n rows runs
+        padded to the smallest of `batch_sizes` >= n (default: powers of two up to `max_batch`); tokens
+        reach `generate`'s caller every `chunk_tokens` tokens."""
         if tokenizer is not None:
             vocab_size = vocab_size or tokenizer.get_vocab_size()
             if eos_id is None:
@@ -291,8 +295,19 @@ class Generator:
             raise ValueError("give a tokenizer or vocab_size")
         self.shape, self.seq, self.tokenizer = shape, seq, tokenizer
         self.vocab_size, self.eos_id = min(vocab_size, shape.n_vocab), eos_id
-        self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, jax.devices()[:1])
+        if mesh is None:  # one device: the one `jax.default_device` names, if any
+            device = jax.config.jax_default_device or jax.devices()[0]
+            mesh = sharding.make_mesh(1, 1, [jax.devices(device)[0] if isinstance(device, str) else device])
+        self.mesh = mesh
         self.max_batch, self.chunk_tokens = max_batch, chunk_tokens
+        dp = self.mesh.shape[sharding.DP]
+        sizes = batch_sizes or [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [
+            max_batch
+        ]
+        self.batch_sizes = sorted({-(-b // dp) * dp for b in sizes})  # rows split evenly over dp
+        assert self.batch_sizes[-1] >= max_batch, (
+            f"batch_sizes {batch_sizes} must reach max_batch {max_batch}"
+        )
         self.params = place_params(params, shape, self.mesh)
 
     # ----- host side -----
@@ -330,9 +345,7 @@ class Generator:
             raise SamplingError(f"prompt ids must be in [0, {self.vocab_size})")
 
     def _batch_shapes(self, rows: Sequence[Row]) -> tuple[int, int, int]:
-        dp = self.mesh.shape[sharding.DP]
-        batch = bucket(len(rows), 1)
-        batch = -(-batch // dp) * dp  # rows split evenly over dp
+        batch = next(b for b in self.batch_sizes if b >= len(rows))
         prompt = bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET, self.seq)
         output = bucket(max(r.params.max_tokens for r in rows), MIN_OUTPUT_BUCKET, self.seq)
         return batch, prompt, output
@@ -413,12 +426,12 @@ class Generator:
                     on_text(b, delta)
 
 
-def inference_params_target(config_shape: ModelShape, abstract_params: Any, mesh: Mesh) -> Any:
+def inference_params_target(shape: ModelShape, abstract_params: Any, mesh: Mesh) -> Any:
     """ShapeDtypeStructs (with shardings) of the params as generation keeps them: matmul kernels in the
     compute dtype (halving decode's memory traffic in bfloat16), embeddings, biases and norms in float32."""
     specs = sharding.param_specs(abstract_params, sharding.logical_rules())
     shardings = sharding.tree_shardings(mesh, specs)
-    dtypes = _inference_dtypes(abstract_params, config_shape.compute_dtype)
+    dtypes = _inference_dtypes(abstract_params, shape.compute_dtype)
     return jax.tree_util.tree_map(
         lambda p, s, d: jax.ShapeDtypeStruct(p.shape, d, sharding=s), abstract_params, shardings, dtypes
     )
@@ -439,6 +452,29 @@ def place_params(params: Any, shape: ModelShape, mesh: Mesh) -> Any:
     return jax.jit(
         lambda p: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), p, target), out_shardings=shardings
     )(placed)
+
+
+def load_generator(
+    config: Config, ckpt: str, *, tokenizer_path: str | None = None, mesh: Mesh | None = None, **options: Any
+) -> Generator:
+    """A generator for the params of checkpoint `ckpt` (full, slim, or a model_dir's newest), split over
+    `mesh` (default: `sampling_mesh(config.mp)`), with the run's tokenizer: `tokenizer_path` (a
+    tokenizer.json or dataset dir), else the dataset next to the checkpoint, else the config's `tokenizer`."""
+    from mesh_transformer.checkpoint import load_params
+    from mesh_transformer.hf import _find_tokenizer
+    from mesh_transformer.memory import abstract_params
+    from mesh_transformer.prepare import read_tokenizer_file
+
+    path = _find_tokenizer(ckpt, config, tokenizer_path)
+    if path is None:
+        raise SamplingError(
+            f"no tokenizer found for {ckpt}: pass --tokenizer path/to/tokenizer.json (or a dataset dir)"
+        )
+    tokenizer = read_tokenizer_file(path)[0]
+    mesh = mesh if mesh is not None else sampling_mesh(config.mp)
+    shape = ModelShape.from_config(config)
+    params = load_params(ckpt, inference_params_target(shape, abstract_params(config), mesh))
+    return Generator(shape, params, seq=config.seq, tokenizer=tokenizer, mesh=mesh, **options)
 
 
 def generate(
