@@ -1,0 +1,190 @@
+"""The real train step compiles for TPU pods from this CPU machine (libtpu's compiler, no TPU), fits, and
+matches its golden shardings; the ZeRO switches change memory, not results.
+
+Golden files: regenerate with
+python scripts/aot_compile.py --config configs/6B_roto_256.json --topology v3:8x16 \
+    --write-shardings tests/golden/shardings_6B_roto_256.json   (and the same for configs/20B_v3_256.json)
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mesh_transformer import aot, sharding
+from mesh_transformer.config import ConfigError, from_dict, load_config
+from mesh_transformer.memory import GiB
+from mesh_transformer.train import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+SHIPPED = {"6B_roto_256": "v3:8x16", "20B_v3_256": "v3:8x16"}
+
+
+def shipped_config(name, **changes):
+    return load_config(os.path.join(ROOT, "configs", f"{name}.json")).replace(**changes)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Each shipped config compiled once for its pod (tens of seconds each)."""
+    return {name: aot.compile_step(shipped_config(name), topology) for name, topology in SHIPPED.items()}
+
+
+def test_6B_step_compiles_for_a_v3_256_and_fits(compiled):
+    result = compiled["6B_roto_256"]
+    assert result.device_count == 256 and result.device_kind == "TPU v3"
+    assert result.fits, aot.report(result)
+    assert result.memory.total < 16 * GiB
+    # the train state is donated: the new state is written over the old one, not beside it
+    assert result.memory.aliased > 0.99 * result.memory.outputs
+    assert "fits: " in aot.report(result)
+
+
+def test_20B_fits_a_v3_256_only_with_params_split_over_dp(compiled):
+    assert compiled["20B_v3_256"].fits, aot.report(compiled["20B_v3_256"])
+    without = aot.compile_step(shipped_config("20B_v3_256", shard_params_over_dp=False), "v3:8x16")
+    assert not without.fits
+    assert without.required > 16 * GiB
+    with pytest.raises(aot.StepDoesNotFit, match=r"needs [\d.]+ GiB per device, more than the 16 GiB"):
+        aot.check(shipped_config("20B_v3_256", shard_params_over_dp=False), "v3:8x16", echo=lambda _: None)
+
+
+def test_20B_gathers_its_params_one_layer_at_a_time(compiled):
+    result = compiled["20B_v3_256"]
+    c = result.config
+    stacked_layers_per_mp_shard = c.layers * 12 * c.d_model**2 * 4 // c.mp
+    # Gathering the whole stack at once would need at least this much; one layer at a time needs far less.
+    assert result.memory.temporaries < stacked_layers_per_mp_shard / 2
+    # ...and the all-gathers of layer weights sit inside the layer loops (while bodies), not before them.
+    hlo = result.compiled.as_text()
+    bodies = set(re.findall(r"\bwhile\([^)]*\).*?body=%?([\w.\-]+)", hlo))
+    computations = dict(re.findall(r"\n%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, flags=re.S))
+    gathered_in_loops = [
+        name for name in bodies if re.search(r"bf16\[[^\]]*6144[^\]]*\][^\n]* all-gather", computations[name])
+    ]
+    assert gathered_in_loops, "no per-layer all-gather of bf16 layer weights inside a while body"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_dry_run_estimate_within_25_percent_of_the_compiler(compiled, name):
+    result = compiled[name]
+    assert abs(result.estimate_error()) < 0.25, aot.report(result)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_compiled_shardings_match_golden(compiled, name):
+    with open(os.path.join(GOLDEN, f"shardings_{name}.json")) as f:
+        golden = json.load(f)
+    assert aot.state_shardings(compiled[name].compiled) == golden
+
+
+def test_golden_shardings_split_every_big_leaf():
+    """The golden files themselves: no layer weight or moment is replicated over mp, ZeRO ones over dp."""
+    for name in SHIPPED:
+        with open(os.path.join(GOLDEN, f"shardings_{name}.json")) as f:
+            golden = json.load(f)
+        for path, spec in golden.items():
+            if re.search(r"_proj|fc_in|fc_out|embeddings|lm_head'\]\['w", path) and "['b']" not in path:
+                assert "'mp'" in spec, (name, path, spec)
+            if name == "20B_v3_256" and "['w']" in path:
+                assert "'dp'" in spec, (name, path, spec)
+
+
+def run_script(*args, prelude="pass"):
+    code = (
+        f"import runpy, sys; {prelude}; sys.argv = ['aot_compile.py', *{list(args)!r}]; "
+        f"runpy.run_path({os.path.join(ROOT, 'scripts', 'aot_compile.py')!r}, run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_missing_libtpu_is_one_clear_line():
+    done = run_script(
+        "--config",
+        "configs/6B_roto_256.json",
+        "--topology",
+        "v3:8x16",
+        prelude="sys.modules['libtpu'] = None",
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: libtpu is not installed; the TPU compiler comes with it: pip install -e '.[tpu]'"
+    ]
+
+
+def test_unknown_topology_is_one_clear_line():
+    done = run_script("--config", "configs/6B_roto_256.json", "--topology", "v9:8x16")
+    assert done.returncode == 1
+    # libtpu itself may log start-up warnings about the missing TPU VM before our one line
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+    assert errors[0].startswith("error: unknown TPU topology 'v9:8x16'") and "v3:8x16" in errors[0]
+    with pytest.raises(aot.UnknownTopology, match="expected a name such as v3:8x16"):
+        aot.tpu_devices("v3-256")
+
+
+def test_topology_with_other_device_count_names_both():
+    with pytest.raises(ConfigError, match="v3:4x4 has 32 devices but the config's tpu_size is 256"):
+        aot.compile_step(shipped_config("6B_roto_256"), "v3:4x4")
+
+
+def test_zero_switches_need_d_model_divisible_by_dp():
+    with pytest.raises(ConfigError, match=r"d_model \(4096\) must be divisible by dp \(3\)"):
+        shipped_config("6B_roto_256", tpu_size=24, shard_optimizer_over_dp=True)
+
+
+# ----- the ZeRO switches on the 8-device CPU mesh: same numbers, different layouts -----
+
+TINY = dict(
+    layers=2, d_model=64, n_heads=4, n_vocab=128, seq=16, pe_rotary_dims=8, tpu_size=8, cores_per_replica=2,
+    per_replica_batch=2, gradient_accumulation_steps=2, warmup_steps=0, anneal_steps=10, lr=1e-2,
+    end_lr=1e-3, weight_decay=0.1, total_steps=12, compute_dtype="float32",
+)  # fmt: skip
+SWITCHES = {
+    "off": {},
+    "zero1": {"shard_optimizer_over_dp": True},
+    "zero3": {"shard_optimizer_over_dp": True, "shard_params_over_dp": True},
+}
+
+
+def loss_grads_and_step(switches):
+    config = from_dict({**TINY, **switches})
+    trainer = Trainer(config, sharding.make_mesh(config.dp, config.mp, jax.devices()))
+    state = trainer.init_state(0)
+    batch = np.random.default_rng(0).integers(0, 128, (2, 8, 17), dtype=np.int32)
+
+    def loss_and_grads(params, tokens_BT1):
+        with sharding.activation_sharding(trainer.mesh):
+            return jax.value_and_grad(trainer._loss, has_aux=True)(params, tokens_BT1)
+
+    (_, ce), grads = jax.jit(loss_and_grads)(
+        state.params, jax.device_put(batch[0], trainer.eval_batch_sharding)
+    )
+    specs = {k: tuple(s.spec) for k, s in trainer.state_shardings.params["gptj/layers/block/fc_in"].items()}
+    mu = trainer.state_shardings.opt_state[1].mu["gptj/layers/block/fc_in"]["w"].spec
+    state, metrics = trainer.step(state, trainer.global_batch(batch))
+    return float(ce), jax.device_get(grads), jax.device_get(metrics), jax.device_get(state.params), specs, mu
+
+
+def test_zero_switches_change_layouts_not_loss_or_gradients():
+    results = {name: loss_grads_and_step(switches) for name, switches in SWITCHES.items()}
+    ce, grads, metrics, params, specs, mu = results["off"]
+    assert specs["w"] == (None, None, "mp") and tuple(mu) == (None, None, "mp")
+    assert tuple(results["zero1"][5]) == (None, "dp", "mp") and results["zero1"][4]["w"] == (None, None, "mp")
+    assert results["zero3"][4]["w"] == (None, "dp", "mp")
+    for name in ("zero1", "zero3"):
+        ce_z, grads_z, metrics_z, params_z, _, _ = results[name]
+        assert abs(ce_z - ce) < 1e-6, name
+        assert abs(float(metrics_z["grad_norm"]) - float(metrics["grad_norm"])) < 1e-6, name
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(grads_z), strict=True
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5, err_msg=f"{name} {path}")
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_z), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5, err_msg=name)
