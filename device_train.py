@@ -29,6 +29,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sample-prompt", default="", help="prompt of the sample printed after training")
     p.add_argument("--sample-tokens", type=int, default=64, help="length of that sample (0: no sample)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--tune-model-path",
+        help="fine-tune from this full or slim checkpoint's params: fresh optimizer, LR schedule from step 0 "
+        "(a checkpoint already in the model dir is resumed instead)",
+    )
     ray = p.add_argument_group("multi-host training with Ray (see README)")
     ray.add_argument("--hosts", type=int, help="train on this many Ray actors, one per host (default: here)")
     ray.add_argument(
@@ -76,6 +81,7 @@ def main() -> None:
         progress=not args.no_progress,
         sample_prompt=args.sample_prompt if args.sample_tokens > 0 else None,
         sample_tokens=args.sample_tokens,
+        tune_model_path=args.tune_model_path,
     )
     if args.hosts is not None:  # this process only drives: the actors own the devices
         from mesh_transformer import cluster

@@ -34,6 +34,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from mesh_transformer.errors import UserError
+
 FORMAT = "mesh_transformer.checkpoint/1"
 METADATA_FILE = "checkpoint.json"
 COMMIT_MARKER = "COMMITTED"
@@ -66,7 +68,7 @@ _SAFETENSORS_DTYPES = {
 _NUMPY_DTYPES = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint cannot be written or read; the message names the file and the problem."""
 
 
@@ -137,6 +139,9 @@ class _Store:
     def sync_dir(self, name: str) -> None:
         """Make the directory entries written so far durable (a no-op where writes are atomic objects)."""
 
+    def remove_partial(self, name: str) -> None:
+        """Delete what interrupted writes left in directory `name` (nothing where uploads are atomic)."""
+
 
 class _LocalStore(_Store):
     def __init__(self, url: str) -> None:
@@ -188,6 +193,11 @@ class _LocalStore(_Store):
 
     def delete_dir(self, name: str) -> None:
         shutil.rmtree(self._path(name), ignore_errors=True)
+
+    def remove_partial(self, name: str) -> None:
+        for entry in os.listdir(self._path(name)):
+            if ".tmp-" in entry:  # a write that a killed process left half done
+                os.remove(os.path.join(self._path(name), entry))
 
     def sync_dir(self, name: str) -> None:
         fd = os.open(self._path(name), os.O_RDONLY)
@@ -485,6 +495,7 @@ def _write_checkpoint(
     _barrier(barrier_name + ":written")
     try:
         if jax.process_index() == 0:
+            store.remove_partial(directory)  # every process has finished writing: leftovers are stale
             body = dict(metadata, format=FORMAT, leaves=records)
             store.write(_join(directory, METADATA_FILE), [json.dumps(body, indent=1).encode()])
             store.sync_dir(directory)
@@ -659,8 +670,9 @@ def _assemble_leaf(
     by_device = {}
     for box, devices in placements:
         host = assembler.read_box(loader, box, dtype, cached)
-        # On CPU an aligned host array becomes the device buffer without a copy (XLA never writes into it).
-        by_device.update((device, jax.device_put(host, device)) for device in devices)
+        # On CPU an aligned host array becomes the first device's buffer without a copy; replicas get their
+        # own copies, so no two devices ever share (and a donating step never races on) one buffer.
+        by_device.update((d, jax.device_put(host, d, may_alias=k == 0)) for k, d in enumerate(devices))
         del host
     arrays = [by_device[d] for d in sharding.addressable_devices_indices_map(shape)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

@@ -15,12 +15,13 @@ import numpy as np
 from tqdm import tqdm
 
 from mesh_transformer import data, sharding
+from mesh_transformer.checkpoint import CheckpointError, CheckpointManager, load_params
 from mesh_transformer.config import Config
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
 from mesh_transformer.model import ModelShape, param_count
 from mesh_transformer.sampling import generate
-from mesh_transformer.train import Trainer
+from mesh_transformer.train import Trainer, TrainState
 
 
 @dataclasses.dataclass
@@ -32,6 +33,9 @@ class RunOptions:
     progress: bool = True
     sample_prompt: str | None = None  # printed continuation after training; None = no sample
     sample_tokens: int = 64
+    # Full or slim checkpoint (or a model_dir) whose params start a fine-tune: fresh optimizer, step 0.
+    # Ignored once model_dir holds a checkpoint of its own, which is then resumed instead.
+    tune_model_path: str | None = None
     # Called in every process with each step's metrics once they are logged; Ray actors report progress
     # to the driver here (and tests inject faults), so they run this very loop rather than a copy of it.
     on_step: Callable[[dict], None] | None = None
@@ -94,7 +98,8 @@ def train(config: Config, options: RunOptions) -> dict:
     )
     mesh = sharding.mesh_for(config)
     trainer = Trainer(config, mesh)
-    state = trainer.init_state(config.seed)
+    checkpoints = CheckpointManager(model_dir, keep_n=config.keep_n, keep_every=config.keep_every)
+    state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
 
     n_params = param_count(state.params)
     model_flops_per_token = flops_per_token(config, matmul_params(config, n_params))
@@ -131,6 +136,10 @@ def train(config: Config, options: RunOptions) -> dict:
             }
             if config.val_batches and ((step + 1) % config.val_every == 0 or step + 1 == end_step):
                 metrics["val/loss"] = validation_loss(trainer, state, dataset_dir, config)
+            if (step + 1) % config.ckpt_every == 0 or step + 1 == end_step:
+                # Returns once host copies are taken; the write overlaps the next steps.
+                extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
+                checkpoints.save(step + 1, state, extra)
             log.write(metrics)
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3f}",
@@ -143,6 +152,7 @@ def train(config: Config, options: RunOptions) -> dict:
             bar.update(1)
             if options.on_step is not None:
                 options.on_step(metrics)
+        checkpoints.wait()
     finally:
         bar.close()
         log.close()
@@ -150,6 +160,28 @@ def train(config: Config, options: RunOptions) -> dict:
     if options.sample_prompt is not None and is_main:
         print(sample_text(config, state.params, dataset_dir, options.sample_prompt, options.sample_tokens))
     return metrics
+
+
+def initial_state(
+    trainer: Trainer,
+    loader: data.Loader,
+    checkpoints: CheckpointManager,
+    tune_model_path: str | None,
+    seed: int,
+) -> TrainState:
+    """The newest committed checkpoint in model_dir with its data position (so an interrupted run ends as
+    if it never stopped); else `tune_model_path`'s params with a fresh optimizer at step 0; else a fresh
+    init."""
+    step = checkpoints.latest_step()
+    if step is not None:
+        state, extra = checkpoints.restore(trainer.abstract_state, step)
+        if not isinstance(extra.get("loader"), dict):
+            raise CheckpointError(f"{checkpoints.model_dir}/step_{step}: holds no data-loader position")
+        loader.load_state_dict(extra["loader"])
+        return state
+    if tune_model_path:
+        return trainer.state_from_params(load_params(tune_model_path, trainer.abstract_state.params))
+    return trainer.init_state(seed)
 
 
 def validation_loss(trainer: Trainer, state, dataset_dir: str, config: Config) -> float:
