@@ -297,14 +297,18 @@ def plot_metrics(model_dir: str, output: str) -> None:
     ax.grid(alpha=0.3)
 
     ax = axes[0, 1]
-    ax.plot(*series("tokens_per_sec"), color="tab:green", label="tokens/s")
-    ax.set(title="throughput", xlabel="step", ylabel="tokens/s")
+    steps, tokens_per_sec = series("tokens_per_sec")
+    if tokens_per_sec:
+        ax.plot(steps, tokens_per_sec, color="tab:green", alpha=0.3, linewidth=0.8)
+        ax.plot(steps, _smoothed(tokens_per_sec), color="tab:green")
+    ax.set(title="throughput (smoothed)", xlabel="step", ylabel="tokens/s")
     ax.grid(alpha=0.3)
-    steps, mfu = series("mfu")
-    if mfu:
-        twin = ax.twinx()
-        twin.plot(steps, [100 * m for m in mfu], color="tab:orange", alpha=0.7, label="MFU")
-        twin.set_ylabel("MFU (%)", color="tab:orange")
+    ratios = [r["mfu"] / r["tokens_per_sec"] for r in records if r.get("mfu") and r.get("tokens_per_sec")]
+    if ratios:  # MFU is tokens/s times a constant: a second scale, not a second curve
+        per_token = ratios[-1] * 100
+        ax.secondary_yaxis("right", functions=(lambda t: t * per_token, lambda m: m / per_token)).set_ylabel(
+            "MFU (%)"
+        )
 
     ax = axes[1, 0]
     ax.plot(*series("lr"), color="tab:purple")
