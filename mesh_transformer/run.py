@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 from mesh_transformer import data, sharding
 from mesh_transformer.checkpoint import CheckpointError, CheckpointManager, load_params
 from mesh_transformer.config import Config
+from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
 from mesh_transformer.model import ModelShape, param_count
@@ -98,6 +98,7 @@ def train(config: Config, options: RunOptions) -> dict:
     )
     mesh = sharding.mesh_for(config)
     trainer = Trainer(config, mesh)
+    evaluator = Evaluator(trainer, dataset_dir)  # checks val sets and harness tasks before training
     checkpoints = CheckpointManager(model_dir, keep_n=config.keep_n, keep_every=config.keep_every)
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
 
@@ -107,7 +108,7 @@ def train(config: Config, options: RunOptions) -> dict:
     end_step = options.steps if options.steps is not None else config.total_steps
     start_step = int(state.step)
 
-    log = MetricsLog(model_dir, enabled=is_main)
+    log = MetricsLog(model_dir, enabled=is_main, config=config)
     bar = tqdm(
         total=end_step,
         initial=start_step,
@@ -134,8 +135,8 @@ def train(config: Config, options: RunOptions) -> dict:
                 "tokens_seen": (step + 1) * config.tokens_per_step,
                 "step_seconds": seconds,
             }
-            if config.val_batches and ((step + 1) % config.val_every == 0 or step + 1 == end_step):
-                metrics["val/loss"] = validation_loss(trainer, state, dataset_dir, config)
+            if evaluator.due(step + 1, end_step):
+                metrics.update(evaluator.run(state.params))
             if (step + 1) % config.ckpt_every == 0 or step + 1 == end_step:
                 # Returns once host copies are taken; the write overlaps the next steps.
                 extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
@@ -182,17 +183,6 @@ def initial_state(
     if tune_model_path:
         return trainer.state_from_params(load_params(tune_model_path, trainer.abstract_state.params))
     return trainer.init_state(seed)
-
-
-def validation_loss(trainer: Trainer, state, dataset_dir: str, config: Config) -> float:
-    batches = data.validation_batches(
-        dataset_dir, seq=config.seq, global_batch=config.global_batch, n_batches=config.val_batches
-    )
-    losses = [
-        trainer.eval_loss(state.params, sharding.global_array(b, trainer.eval_batch_sharding))
-        for b in batches
-    ]
-    return float(np.mean(jax.device_get(losses)))
 
 
 def sample_text(config: Config, params, dataset_dir: str, prompt: str, n_tokens: int) -> str:
