@@ -282,7 +282,8 @@ def check_tasks(tasks: Sequence[str], include_path: str | None = None) -> None:
     if not tasks:
         raise UserError("no evaluation harness tasks given; expected names such as lambada_openai,piqa")
     known = set(task_manager(include_path).all_tasks)
-    unknown = [t for t in tasks if t not in known]
+    # a task may also be a YAML file's path, which the harness loads directly
+    unknown = [t for t in tasks if t not in known and not (t.endswith(".yaml") and os.path.isfile(t))]
     if unknown:
         raise UserError(
             f"unknown evaluation harness task(s): {', '.join(unknown)}; "

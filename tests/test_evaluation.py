@@ -73,9 +73,9 @@ def adapter(tiny):
 
 
 @functools.cache
-def single_device_forward(config):
+def single_device_forward(shape: ModelShape):
     """log-softmax of the model's logits, one plain jit on the default device: no mesh, no buckets."""
-    model = build(ModelShape.from_config(config))
+    model = build(shape)
     return jax.jit(
         lambda params, tokens_BT: jax.nn.log_softmax(model.apply(params, None, tokens_BT), axis=-1)
     )
@@ -87,7 +87,7 @@ def direct_logprobs(config, params, ids: list[int]) -> np.ndarray:
     assert len(ids) <= config.seq
     tokens = np.zeros((1, config.seq), np.int32)
     tokens[0, : len(ids)] = ids
-    logp = single_device_forward(config)(jax.device_get(params), tokens)
+    logp = single_device_forward(ModelShape.from_config(config))(jax.device_get(params), tokens)
     return np.asarray(logp[0, : len(ids)], np.float64)
 
 
@@ -297,6 +297,23 @@ def test_custom_tasks_run_end_to_end_through_simple_evaluate(tiny, adapter, monk
     assert metrics["harness/tiny_perplexity/word_perplexity"] > 1.0
     assert metrics["harness/tiny_perplexity/bits_per_byte"] > 0.0
     assert not any("stderr" in k for k in metrics)
+
+
+def test_evaluator_of_a_training_run_logs_validation_and_harness_metrics(tiny, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    config, trainer, params, dataset, _, tmp = tiny
+    write_tasks(tmp / "tasks")
+    task_yaml = str(tmp / "tasks" / "tiny_choice.yaml")  # a path: no --include-path during training
+    evaluator = evaluation.Evaluator(
+        Trainer(config.replace(eval_harness_tasks=[task_yaml], val_every=5), trainer.mesh), dataset
+    )
+    assert [s for s in range(1, 13) if evaluator.due(s, end_step=12)] == [5, 10, 12]
+    metrics = evaluator.run(params)
+    assert set(metrics) == {"val/default/loss", "val/default/ppl", "harness/tiny_choice/acc"}
+    with pytest.raises(UserError, match="unknown evaluation harness task.*: lambada_typo"):
+        evaluation.Evaluator(
+            Trainer(config.replace(eval_harness_tasks=["lambada_typo"]), trainer.mesh), dataset
+        )
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
