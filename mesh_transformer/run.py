@@ -13,8 +13,8 @@ from collections.abc import Callable
 import jax
 from tqdm import tqdm
 
-from mesh_transformer import data, sharding
-from mesh_transformer.checkpoint import CheckpointError, CheckpointManager, load_params
+from mesh_transformer import data, hf, sharding
+from mesh_transformer.checkpoint import CheckpointError, CheckpointManager
 from mesh_transformer.config import Config
 from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
@@ -68,6 +68,7 @@ def describe(config: Config) -> str:
         f"  optimizer   {mem.optimizer / GiB:8.2f} GiB",
         f"  gradients   {mem.gradients / GiB:8.2f} GiB",
         f"  activations {mem.activations / GiB:8.2f} GiB  (remat={config.remat})",
+        f"  update      {mem.update / GiB:8.2f} GiB  (peak: state + max(gradients + activations, update))",
         f"  total       {mem.total / GiB:8.2f} GiB",
     ]
     return "\n".join(lines)
@@ -85,7 +86,7 @@ def train(config: Config, options: RunOptions) -> dict:
         model_dir,
         n_vocab=config.n_vocab,
         seq=config.seq,
-        tokenizer=options.tokenizer,
+        tokenizer=options.tokenizer or config.tokenizer or None,
         seed=config.seed,
     )
     loader = data.Loader(
@@ -109,6 +110,8 @@ def train(config: Config, options: RunOptions) -> dict:
     start_step = int(state.step)
 
     log = MetricsLog(model_dir, enabled=is_main, config=config)
+    if start_step > 0:
+        log.event("resume", step=start_step)
     bar = tqdm(
         total=end_step,
         initial=start_step,
@@ -141,6 +144,7 @@ def train(config: Config, options: RunOptions) -> dict:
                 # Returns once host copies are taken; the write overlaps the next steps.
                 extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
                 checkpoints.save(step + 1, state, extra)
+                log.event("checkpoint", step=step + 1, path=f"{model_dir}/step_{step + 1}")
             log.write(metrics)
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3f}",
@@ -181,7 +185,9 @@ def initial_state(
         loader.load_state_dict(extra["loader"])
         return state
     if tune_model_path:
-        return trainer.state_from_params(load_params(tune_model_path, trainer.abstract_state.params))
+        # our checkpoints (full or slim), a Hugging Face GPT-J folder, or an original release checkpoint
+        params = hf.load_pretrained_params(tune_model_path, trainer.config, trainer.abstract_state.params)
+        return trainer.state_from_params(params)
     return trainer.init_state(seed)
 
 
