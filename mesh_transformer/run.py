@@ -74,6 +74,18 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
+def training_data(config: Config, options: RunOptions) -> str:
+    """The prepared dataset the run reads, preparing it into the model dir first if needed."""
+    return data.resolve_training_data(
+        options.data,
+        options.model_dir,
+        n_vocab=config.n_vocab,
+        seq=config.seq,
+        tokenizer=options.tokenizer or config.tokenizer or None,
+        seed=config.seed,
+    )
+
+
 def train(config: Config, options: RunOptions) -> dict:
     """Train on the mesh of all devices; returns the last step's metrics."""
     model_dir = options.model_dir
@@ -81,14 +93,7 @@ def train(config: Config, options: RunOptions) -> dict:
     if "://" not in model_dir:
         os.makedirs(model_dir, exist_ok=True)
 
-    dataset_dir = data.resolve_training_data(
-        options.data,
-        model_dir,
-        n_vocab=config.n_vocab,
-        seq=config.seq,
-        tokenizer=options.tokenizer or config.tokenizer or None,
-        seed=config.seed,
-    )
+    dataset_dir = training_data(config, options)
     loader = data.Loader(
         dataset_dir,
         "train",
