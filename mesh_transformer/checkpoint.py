@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -922,9 +922,7 @@ class ParamPieces:
             yield box, _read_piece(self._store, self._directory, i, record, j)
 
 
-def slim_checkpoint(
-    src: str, dst: str, dtype: str = "bfloat16", on_leaf: Callable[[str], None] | None = None
-) -> int:
+def slim_checkpoint(src: str, dst: str, dtype: str = "bfloat16") -> int:
     """Copy the params of checkpoint `src` to `dst` cast to `dtype`, piece by piece; returns bytes written."""
     if dtype not in ("bfloat16", "float16", "float32"):
         raise CheckpointError(f"slim dtype {dtype!r}: expected bfloat16, float16 or float32")
@@ -946,8 +944,6 @@ def slim_checkpoint(
 
     def pieces() -> Iterable[_Piece]:
         for k, (i, record) in enumerate(params):
-            if on_leaf is not None:
-                on_leaf(record["path"])
             for j in range(len(record["boxes"])):
                 array = _read_piece(store, directory, i, record, j).astype(_np_dtype(records[k]["dtype"]))
                 written[0] += array.nbytes
