@@ -194,3 +194,40 @@ def test_tune_model_path_that_does_not_exist_is_one_line(setup, tmp_path: Path) 
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "nowhere: no checkpoint found" in lines[0], done.stderr[-2000:]
+
+
+def test_tune_model_path_takes_a_hugging_face_folder(setup, tmp_path: Path) -> None:
+    """A GPT-J saved by `transformers` starts a fine-tune; the first step's lr is 0 (warmup), so the saved
+    step-1 params are exactly the Hugging Face weights."""
+    import torch
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from mesh_transformer.checkpoint import load_params
+    from mesh_transformer.hf import params_from_hf
+
+    config, dataset = setup
+    torch.manual_seed(0)
+    hf = GPTJForCausalLM(
+        GPTJConfig(
+            vocab_size=CONFIG["n_vocab"],
+            n_positions=CONFIG["seq"],
+            n_embd=CONFIG["d_model"],
+            n_layer=CONFIG["layers"],
+            n_head=CONFIG["n_heads"],
+            rotary_dim=CONFIG["pe_rotary_dims"],
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    )
+    hf.save_pretrained(tmp_path / "hf")
+    run(
+        command(
+            config, dataset, tmp_path / "tuned", "--steps", "1", "--tune-model-path", str(tmp_path / "hf")
+        )
+    )
+    expected = params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, CONFIG["layers"])
+    tuned = load_params(str(tmp_path / "tuned" / "step_1"), expected)
+    for module, leaves in expected.items():
+        for name, value in leaves.items():
+            np.testing.assert_array_equal(np.asarray(tuned[module][name]), value, err_msg=f"{module}/{name}")
