@@ -16,7 +16,7 @@ from typing import Any
 
 from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
-from mesh_transformer.run import RunOptions
+from mesh_transformer.run import RunOptions, training_data
 
 # Test hook: "KIND:HOST@STEP" makes host HOST die (SIGKILL) or hang after step STEP, in the first group only.
 FAULT_ENV = "MESH_TRANSFORMER_FAULT"
@@ -317,7 +317,6 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
     """Train on `cluster.hosts` Ray actors; returns the last step's metrics. Restarts the group on failure."""
     from tqdm import tqdm
 
-    from mesh_transformer import data
     from mesh_transformer.checkpoint import CheckpointManager
     from mesh_transformer.metrics import MetricsLog
 
@@ -332,14 +331,7 @@ def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
     spread = not local and len([n for n in ray.nodes() if n["Alive"]]) > 1
 
     # Prepared once here so the hosts do not race to prepare it; each then reads only its own rows.
-    dataset_dir = data.resolve_training_data(
-        options.data,
-        options.model_dir,
-        n_vocab=config.n_vocab,
-        seq=config.seq,
-        tokenizer=options.tokenizer,
-        seed=config.seed,
-    )
+    dataset_dir = training_data(config, options)
     actor_options = dataclasses.replace(options, data=[dataset_dir], on_step=None)
     checkpoints = CheckpointManager(options.model_dir)
     end_step = options.steps if options.steps is not None else config.total_steps
@@ -426,6 +418,13 @@ def _run_group(
             done, _ = ray.wait(
                 [r for i, r in enumerate(group.refs) if i not in results], num_returns=1, timeout=_POLL_S
             )
+            # news first, so that a failure below is reported with the latest step
+            for process_id, metrics in ray.get(reporter.drain.remote(), timeout=60):
+                last_report, started = time.monotonic(), True
+                if process_id == 0:
+                    outcome.last_step = metrics["step"]
+                    bar.n = metrics["step"]
+                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
             for ref in done:
                 host = group.refs.index(ref)
                 try:
@@ -438,12 +437,6 @@ def _run_group(
                         raise e.cause from None  # the user's input is wrong: restarting cannot help
                     outcome.reason = f"host {host} ({group.where[host]}) failed: {_first_line(e.cause or e)}"
                     return outcome
-            for process_id, metrics in ray.get(reporter.drain.remote(), timeout=60):
-                last_report, started = time.monotonic(), True
-                if process_id == 0:
-                    outcome.last_step = metrics["step"]
-                    bar.n = metrics["step"]
-                    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
             limit = cluster.step_timeout_s if started else cluster.startup_timeout_s
             if time.monotonic() - last_report > limit:
                 what = f"after step {outcome.last_step}" if started else "before the first step"

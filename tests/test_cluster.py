@@ -5,15 +5,23 @@ checkpoint to the very same parameters; bad cluster arguments give one clear lin
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import ray
 
-from mesh_transformer import cluster, data
+from mesh_transformer import cluster, data, sharding
+from mesh_transformer.checkpoint import CheckpointManager
 from mesh_transformer.config import from_dict
 from mesh_transformer.run import RunOptions, train
+from mesh_transformer.train import Trainer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,16 +83,22 @@ def losses(model_dir: Path) -> list[float]:
     return [r["loss"] for r in lines if "event" not in r]
 
 
-def events(model_dir: Path) -> list[dict]:
+def recoveries(model_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "event" in r]
+    return [r for r in lines if r.get("event") == "recovery"]
 
 
 @pytest.fixture(scope="module")
-def two_host_run(tmp_path_factory, dataset, local_ray) -> Path:
+def two_host_metrics(tmp_path_factory, dataset, local_ray) -> tuple[Path, dict]:
     model_dir = tmp_path_factory.mktemp("two_hosts")
-    cluster.train(CONFIG, options(model_dir, dataset), cluster.ClusterOptions(hosts=2))
-    return model_dir
+    run_options = options(model_dir, dataset)
+    run_options.sample_prompt, run_options.sample_tokens = "def", 8
+    return model_dir, cluster.train(CONFIG, run_options, cluster.ClusterOptions(hosts=2))
+
+
+@pytest.fixture(scope="module")
+def two_host_run(two_host_metrics) -> Path:
+    return two_host_metrics[0]
 
 
 def test_two_hosts_of_four_devices_train_like_one_process_of_eight(tmp_path, dataset, two_host_run):
@@ -93,3 +107,137 @@ def test_two_hosts_of_four_devices_train_like_one_process_of_eight(tmp_path, dat
     assert len(single) == STEPS
     np.testing.assert_allclose(losses(two_host_run), single, rtol=1e-5)
     assert single[-1] < single[0]
+
+
+def test_host_0_samples_from_the_final_checkpoint(two_host_metrics):
+    _, metrics = two_host_metrics
+    assert metrics["step"] == STEPS
+    assert metrics["sample"].startswith("def") and len(metrics["sample"]) > len("def")
+
+
+def final_params(model_dir: Path) -> list[np.ndarray]:
+    """The params of the run's last checkpoint, gathered into this process."""
+    manager = CheckpointManager(str(model_dir))
+    assert manager.latest_step() == STEPS
+    trainer = Trainer(CONFIG, sharding.mesh_for(CONFIG))
+    state, _ = manager.restore(trainer.abstract_state)
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
+
+
+def assert_same_params(a: Path, b: Path) -> None:
+    for x, y in zip(final_params(a), final_params(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_killed_host_is_replaced_and_the_run_ends_bit_identical(tmp_path, dataset, two_host_run):
+    """Host 1 is SIGKILLed after step 3; a fresh group resumes from the step-2 checkpoint."""
+    options = cluster.ClusterOptions(hosts=2, fault="die:1@3", backoff_s=0)
+    metrics = cluster.train(CONFIG, RunOptions(str(tmp_path), STEPS, [dataset], progress=False), options)
+    assert metrics["step"] == STEPS
+    (recovery,) = recoveries(tmp_path)
+    # the driver's last news of host 0 may predate its step 3: reports and deaths race to the driver
+    assert recovery["resume_step"] == 2 and recovery["step"] in (2, 3), recovery
+    assert recovery["reason"].startswith("host 1 (pid ") and "on 127.0.0.1) died" in recovery["reason"]
+    assert_same_params(tmp_path, two_host_run)
+
+
+def test_hung_step_is_detected_and_the_run_resumes_bit_identical(tmp_path, dataset, two_host_run):
+    """Host 0 (which also serves the jax coordinator) stops after step 3 without dying."""
+    options = cluster.ClusterOptions(hosts=2, fault="hang:0@3", step_timeout_s=15, backoff_s=0)
+    metrics = cluster.train(CONFIG, RunOptions(str(tmp_path), STEPS, [dataset], progress=False), options)
+    assert metrics["step"] == STEPS
+    (recovery,) = recoveries(tmp_path)
+    assert recovery["resume_step"] == 2 and "hung" in recovery["reason"], recovery
+    assert_same_params(tmp_path, two_host_run)
+
+
+def device_train(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "device_train.py"), *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--hosts", "2", "--ray-address", "127.0.0.1:1"],
+            "--ray-address 127.0.0.1:1: no Ray head answers there",
+        ),
+        (["--hosts", "2", "--ray-address", "head-node"], "--ray-address 'head-node': expected HOST:PORT"),
+        (["--hosts", "3"], "--hosts 3: the config's tpu_size 8 must split into 3 equal hosts"),
+        (["--hosts", "2", "--actor-resources", "tpu"], "--actor-resources 'tpu': expected NAME=COUNT"),
+        (["--ray-address", "127.0.0.1:6379"], "--ray-address and --actor-resources need --hosts N"),
+    ],
+)
+def test_bad_cluster_arguments_give_one_clear_line(args, message):
+    result = device_train("--config", str(ROOT / "configs" / "demo.json"), *args)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith(f"error: {message}"), lines
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """Local addresses of the TCP sockets these processes listen on."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    hosts = {
+        line.split()[3].rsplit(":", 1)[0]
+        for line in out.splitlines()
+        if any(f"pid={p}," in line for p in pids)
+    }
+    return {h.removeprefix("[::ffff:").removesuffix("]") for h in hosts}  # IPv4-mapped IPv6 is still IPv4
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_every_actor_and_ray_listened_on_loopback_only(tmp_path, dataset):
+    """The command line with a private local Ray: every process it starts listens on 127.0.0.1 only, and
+    SIGINT ends the driver (exit 130), its actors and Ray."""
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps(dict(TINY, total_steps=100_000, ckpt_every=1000)))
+    model_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "device_train.py"), "--config", str(config), "--hosts", "2"]
+    command += ["--model-dir", str(model_dir), "--data", dataset, "--no-progress"]
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (model_dir / "metrics.jsonl").exists() or not losses(model_dir):
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[1][-3000:]
+            time.sleep(1)
+        started = descendants(driver.pid)
+        workers = {p for p in started if "HostWorker" in Path(f"/proc/{p}/cmdline").read_text()}
+        assert len(workers) == 2, started
+        assert listening_addresses(started | {driver.pid}) == {"127.0.0.1"}
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not [p for p in started if alive(p)]
