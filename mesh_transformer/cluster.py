@@ -22,6 +22,8 @@ from mesh_transformer.run import RunOptions, training_data
 FAULT_ENV = "MESH_TRANSFORMER_FAULT"
 _FAULT = re.compile(r"^(die|hang):(\d+)@(\d+)$")
 _POLL_S = 1.0  # how often the driver looks at the actors and their reports
+# An HTTP/2 client's opening: the fixed preface and an empty SETTINGS frame.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 class ClusterError(UserError):
@@ -236,7 +238,8 @@ def connect(address: str | None, hosts: int) -> None:
 
 
 def _check_reachable(address: str) -> None:
-    """Fail in seconds on an address nobody listens at (ray.init would retry it for minutes)."""
+    """Fail in seconds on an address where no Ray head listens: ray.init retries such an address for
+    minutes, and waits forever on a port some other service holds (e.g. the dashboard's 8265)."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ClusterError(
@@ -244,8 +247,17 @@ def _check_reachable(address: str) -> None:
             "(the address `ray start --head` prints, e.g. 10.0.0.2:6379) or 'auto'"
         )
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10) as s:
+            if os.environ.get("RAY_USE_TLS", "0") in ("0", ""):
+                # Ray's GCS is a gRPC server: to the HTTP/2 client preface it answers with a SETTINGS frame.
+                s.sendall(_HTTP2_PREFACE)
+                header = s.recv(9)
+                if len(header) < 9 or header[3] != 0x4:
+                    raise ClusterError(
+                        f"--ray-address {address}: something listens there but it is not a Ray head "
+                        "(no gRPC answer); pass the GCS address that `ray start --head` prints (port 6379 "
+                        "by default)"
+                    )
     except OSError as e:
         raise ClusterError(
             f"--ray-address {address}: no Ray head answers there ({e.strerror or e}); "

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,10 +69,10 @@ def dataset(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One Ray instance on 127.0.0.1 for the module: the driver side of every cluster run here."""
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="warning")
-    yield
+def local_ray() -> str:
+    """One Ray instance on 127.0.0.1 (conftest keeps it there) for the module; yields its address."""
+    context = ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield context.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -129,16 +131,23 @@ def assert_same_params(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-def test_killed_host_is_replaced_and_the_run_ends_bit_identical(tmp_path, dataset, two_host_run):
-    """Host 1 is SIGKILLed after step 3; a fresh group resumes from the step-2 checkpoint."""
-    options = cluster.ClusterOptions(hosts=2, fault="die:1@3", backoff_s=0)
-    metrics = cluster.train(CONFIG, RunOptions(str(tmp_path), STEPS, [dataset], progress=False), options)
-    assert metrics["step"] == STEPS
-    (recovery,) = recoveries(tmp_path)
+def test_killed_host_is_replaced_and_the_run_ends_bit_identical(tmp_path, dataset, local_ray, two_host_run):
+    """Through the command line, joining the running cluster by address: host 1 is SIGKILLed after step 3
+    and a fresh group resumes from the step-2 checkpoint."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    env = dict(os.environ, **{cluster.FAULT_ENV: "die:1@3"})
+    command = [sys.executable, str(ROOT / "device_train.py"), "--config", str(config), "--hosts", "2"]
+    command += ["--ray-address", local_ray, "--model-dir", str(tmp_path / "run"), "--data", dataset]
+    command += ["--sample-tokens", "0", "--no-progress"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (recovery,) = recoveries(tmp_path / "run")
     # the driver's last news of host 0 may predate its step 3: reports and deaths race to the driver
     assert recovery["resume_step"] == 2 and recovery["step"] in (2, 3), recovery
     assert recovery["reason"].startswith("host 1 (pid ") and "on 127.0.0.1) died" in recovery["reason"]
-    assert_same_params(tmp_path, two_host_run)
+    assert f"recovery 1: {recovery['reason']}" in result.stderr
+    assert_same_params(tmp_path / "run", two_host_run)
 
 
 def test_hung_step_is_detected_and_the_run_resumes_bit_identical(tmp_path, dataset, two_host_run):
@@ -174,6 +183,30 @@ def test_bad_cluster_arguments_give_one_clear_line(args, message):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
     assert lines[0].startswith(f"error: {message}"), lines
+
+
+def test_address_of_a_service_that_is_not_ray_is_refused_at_once():
+    """ray.init would wait forever on such a port (e.g. the dashboard's); one line names it instead."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer_like_http_1() -> None:
+            connection, _ = server.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_like_http_1, daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        result = device_train(
+            "--config", str(ROOT / "configs" / "demo.json"), "--hosts", "2", "--ray-address", address
+        )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --ray-address {address}: something listens there but it is not a Ray head (no gRPC answer); "
+        "pass the GCS address that `ray start --head` prints (port 6379 by default)"
+    ]
 
 
 def descendants(pid: int) -> set[int]:
