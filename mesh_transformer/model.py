@@ -100,26 +100,32 @@ def layer_norm(name: str):
 
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots. Row b's first `pad_B[b]` slots are padding (prompts are
-    left-aligned to a common length), so slot j holds position j - pad_B[b]; a forward pass writes its T
-    tokens at slots [write_index, write_index + T), the same slots in every row."""
+    right-aligned to a common length), so slot j holds position j - pad_B[b]; a forward pass writes its T
+    tokens at slots [write_index, write_index + T), the same slots in every row. Heads come before slots so
+    that attention reads the cache in place (batched over b, h) rather than transposing it every step."""
 
-    k_LBSHK: jax.Array
-    v_LBSHK: jax.Array
+    k_LBHSK: jax.Array
+    v_LBHSK: jax.Array
     pad_B: jax.Array  # int32
     write_index: jax.Array  # int32 scalar
 
     @classmethod
     def empty(cls, shape: ModelShape, pad_B: jax.Array, slots: int) -> KVCache:
-        kv_shape = (shape.layers, pad_B.shape[0], slots, shape.n_heads, shape.head_dim)
-        zeros = jnp.zeros(kv_shape, jnp.dtype(shape.compute_dtype))
-        return cls(zeros, zeros, pad_B.astype(jnp.int32), jnp.zeros((), jnp.int32))
+        kv_shape = (shape.layers, pad_B.shape[0], shape.n_heads, slots, shape.head_dim)
+        dtype = jnp.dtype(shape.compute_dtype)
+        return cls(
+            jnp.zeros(kv_shape, dtype),
+            jnp.zeros(kv_shape, dtype),
+            pad_B.astype(jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
 
 class _LayerCache(NamedTuple):
     """What one layer of the stack needs of the cache: all layers' k/v (updated in place), its index."""
 
-    k_LBSHK: jax.Array
-    v_LBSHK: jax.Array
+    k_LBHSK: jax.Array
+    v_LBHSK: jax.Array
     layer: jax.Array
     write_index: jax.Array
     mask_B1TS: jax.Array  # which slots each new token may attend to
@@ -158,23 +164,26 @@ class Block(hk.Module):
 
         cd = jnp.dtype(s.compute_dtype)
         if cache is None:
-            k_BSHK, v_BSHK = k_BTHK, v_BTHK
+            keys, values, kv = k_BTHK, v_BTHK, "bshk"
             mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # causal, (T, S) with S = T
         else:
-            at = (cache.layer, 0, cache.write_index, 0, 0)
-            k_LBSHK = jax.lax.dynamic_update_slice(cache.k_LBSHK, k_BTHK[None].astype(cd), at)
-            v_LBSHK = jax.lax.dynamic_update_slice(cache.v_LBSHK, v_BTHK[None].astype(cd), at)
-            cache = cache._replace(k_LBSHK=k_LBSHK, v_LBSHK=v_LBSHK)
-            k_BSHK = constrain(k_LBSHK[cache.layer], ("batch", "seq", "heads", None))
-            v_BSHK = constrain(v_LBSHK[cache.layer], ("batch", "seq", "heads", None))
-            mask = cache.mask_B1TS
+            at = (cache.layer, 0, 0, cache.write_index, 0)
+            new_k_1BHTK = k_BTHK.transpose(0, 2, 1, 3)[None].astype(cd)
+            new_v_1BHTK = v_BTHK.transpose(0, 2, 1, 3)[None].astype(cd)
+            cache = cache._replace(
+                k_LBHSK=jax.lax.dynamic_update_slice(cache.k_LBHSK, new_k_1BHTK, at),
+                v_LBHSK=jax.lax.dynamic_update_slice(cache.v_LBHSK, new_v_1BHTK, at),
+            )
+            keys = constrain(cache.k_LBHSK[cache.layer], ("batch", "heads", "seq", None))
+            values = constrain(cache.v_LBHSK[cache.layer], ("batch", "heads", "seq", None))
+            kv, mask = "bhsk", cache.mask_B1TS
         scores_BHTS = jnp.einsum(
-            "bthk,bshk->bhts", q_BTHK.astype(cd), k_BSHK.astype(cd), preferred_element_type=jnp.float32
+            f"bthk,{kv}->bhts", q_BTHK.astype(cd), keys.astype(cd), preferred_element_type=jnp.float32
         ) / math.sqrt(s.head_dim)
         scores_BHTS = jnp.where(mask, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
         attn_BTHK = jnp.einsum(
-            "bhts,bshk->bthk", probs_BHTS.astype(cd), v_BSHK.astype(cd), preferred_element_type=jnp.float32
+            f"bhts,{kv}->bthk", probs_BHTS.astype(cd), values.astype(cd), preferred_element_type=jnp.float32
         )
         attn_BTD = attn_BTHK.reshape(B, T, s.d_model)
         attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(
@@ -227,21 +236,21 @@ class GPTJ(hk.Module):
             slot_T = cache.write_index + jnp.arange(T)
             sin_BTR, cos_BTR = rotary_sin_cos(slot_T[None, :] - cache.pad_B[:, None], s.rotary_dims)
             # A new token sees the real (non-padding) slots up to and including its own.
-            slot_S = jnp.arange(cache.k_LBSHK.shape[2])
+            slot_S = jnp.arange(cache.k_LBHSK.shape[3])
             mask_B1TS = (slot_S[None, None, None, :] <= slot_T[None, None, :, None]) & (
                 slot_S[None, None, None, :] >= cache.pad_B[:, None, None, None]
             )
 
             def cached_layer(carry, index):
-                x_BTD, k_LBSHK, v_LBSHK = carry
-                layer_cache = _LayerCache(k_LBSHK, v_LBSHK, index, cache.write_index, mask_B1TS)
+                x_BTD, k_LBHSK, v_LBHSK = carry
+                layer_cache = _LayerCache(k_LBHSK, v_LBHSK, index, cache.write_index, mask_B1TS)
                 x_BTD, layer_cache = Block(s, name="block")(x_BTD, sin_BTR, cos_BTR, layer_cache)
-                return (x_BTD, layer_cache.k_LBSHK, layer_cache.v_LBSHK), None
+                return (x_BTD, layer_cache.k_LBHSK, layer_cache.v_LBHSK), None
 
             stack = hk.layer_stack(s.layers, with_per_layer_inputs=True, name="layers")
-            carry = (x_BTD, cache.k_LBSHK, cache.v_LBSHK)
-            (x_BTD, k_LBSHK, v_LBSHK), _ = stack(cached_layer)(carry, jnp.arange(s.layers))
-            cache = cache._replace(k_LBSHK=k_LBSHK, v_LBSHK=v_LBSHK, write_index=cache.write_index + T)
+            carry = (x_BTD, cache.k_LBHSK, cache.v_LBHSK)
+            (x_BTD, k_LBHSK, v_LBHSK), _ = stack(cached_layer)(carry, jnp.arange(s.layers))
+            cache = cache._replace(k_LBHSK=k_LBHSK, v_LBHSK=v_LBHSK, write_index=cache.write_index + T)
             x_BTD = x_BTD[:, -1:]  # only the next-token logits are wanted: the head runs on one position
 
         x_BTD = layer_norm("ln_f")(x_BTD)

@@ -167,8 +167,8 @@ def _prefill(
     with sharding.activation_sharding(mesh):
         cache = KVCache.empty(shape, pad_B, slots)
         cache = cache._replace(
-            k_LBSHK=jax.lax.with_sharding_constraint(cache.k_LBSHK, cache_sharding),
-            v_LBSHK=jax.lax.with_sharding_constraint(cache.v_LBSHK, cache_sharding),
+            k_LBHSK=jax.lax.with_sharding_constraint(cache.k_LBHSK, cache_sharding),
+            v_LBHSK=jax.lax.with_sharding_constraint(cache.v_LBHSK, cache_sharding),
         )
         logits_BV, cache = build(shape).apply(params, None, tokens_BP, cache)
     count_B = jnp.zeros_like(pad_B)

@@ -130,8 +130,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# Generation's KV cache (layers, batch, slots, heads, head_dim) splits like attention: heads over `mp`.
-KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", "seq", "heads", None)
+# Generation's KV cache (layers, batch, heads, slots, head_dim) splits like attention: heads over `mp`.
+KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", "heads", "seq", None)
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:
