@@ -35,6 +35,7 @@ import ml_dtypes
 import numpy as np
 
 from mesh_transformer.errors import UserError
+from mesh_transformer.storage import StorageError, new_gcs_client, split_gcs
 
 FORMAT = "mesh_transformer.checkpoint/1"
 METADATA_FILE = "checkpoint.json"
@@ -220,9 +221,10 @@ class _GcsStore(_Store):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        bucket, _, prefix = url[len("gs://") :].partition("/")
-        if not bucket:
-            raise CheckpointError(f"checkpoint path {url!r} names no bucket; expected gs://bucket/path")
+        try:
+            bucket, prefix = split_gcs(url)
+        except StorageError as e:
+            raise CheckpointError(f"checkpoint path {e}") from None
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self._local = threading.local()  # one client per thread: HTTP sessions are not shared across threads
@@ -231,13 +233,7 @@ class _GcsStore(_Store):
     def _bucket(self):
         bucket = getattr(self._local, "bucket", None)
         if bucket is None:
-            from google.auth.exceptions import DefaultCredentialsError
-            from google.cloud import storage
-
-            try:
-                client = storage.Client()
-            except DefaultCredentialsError as e:
-                raise CheckpointError(f"cannot open {self.url}: no Google Cloud credentials ({e})") from None
+            client = new_gcs_client()
             bucket = self._local.bucket = client.bucket(self.bucket_name)
         return bucket
 

@@ -22,15 +22,11 @@ from mesh_transformer.prepare import (
     DataError,
     default_corpus_files,
     expand_inputs,
-    gcs_blob,
-    is_gcs,
-    join,
-    open_file,
-    path_exists,
     prepare_dataset,
     read_tokenizer_file,
     source_key,
 )
+from mesh_transformer.storage import gcs_blob, is_gcs, join, open_file, path_exists
 
 __all__ = [
     "DataError",

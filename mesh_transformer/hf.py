@@ -299,7 +299,8 @@ def parse_size(text: str) -> int:
 def _find_tokenizer(ckpt: str, config: Config, explicit: str | None) -> str | None:
     """The run's tokenizer.json: `explicit` (a file or a dataset dir), else the dataset under the model_dir
     the checkpoint belongs to, else the config's `tokenizer`."""
-    from mesh_transformer.prepare import TOKENIZER_NAME, join, path_exists
+    from mesh_transformer.prepare import TOKENIZER_NAME
+    from mesh_transformer.storage import join, path_exists
 
     if explicit:
         path = explicit if explicit.endswith(".json") else join(explicit, TOKENIZER_NAME)

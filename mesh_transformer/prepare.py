@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import functools
 import glob
 import gzip
 import hashlib
@@ -28,6 +27,7 @@ import numpy as np
 import zstandard
 
 from mesh_transformer.errors import UserError
+from mesh_transformer.storage import gcs_blob, gcs_client, is_gcs, join, open_file, path_exists
 
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -41,58 +41,6 @@ CHUNK_CHARS = 1 << 20
 
 class DataError(UserError):
     """A problem the user caused (missing path, corrupt file, unusable tokenizer); the message is one line."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Storage: local paths and gs:// through one small set of helpers.
-
-
-def is_gcs(path: str) -> bool:
-    return path.startswith("gs://")
-
-
-@functools.cache
-def gcs_client() -> Any:
-    """The storage client; anonymous with a project when STORAGE_EMULATOR_HOST points at an emulator."""
-    from google.cloud import storage
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project="emulator", credentials=AnonymousCredentials())
-    from google.auth.exceptions import DefaultCredentialsError
-
-    try:
-        return storage.Client()
-    except DefaultCredentialsError:
-        raise DataError(
-            "gs:// paths need Google Cloud credentials; run `gcloud auth application-default login` "
-            "or set GOOGLE_APPLICATION_CREDENTIALS"
-        ) from None
-
-
-def gcs_blob(path: str) -> Any:
-    bucket, _, name = path[len("gs://") :].partition("/")
-    return gcs_client().bucket(bucket).blob(name)
-
-
-def open_file(path: str, mode: str = "rb") -> Any:
-    """Open a local or gs:// file without any transparent decompression (we decompress ourselves)."""
-    if is_gcs(path):
-        import smart_open
-
-        return smart_open.open(path, mode, compression="disable", transport_params={"client": gcs_client()})
-    return open(path, mode)
-
-
-def path_exists(path: str) -> bool:
-    if is_gcs(path):
-        return gcs_blob(path).exists()
-    return os.path.exists(path)
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts]) if is_gcs(base) else os.path.join(base, *parts)
 
 
 def expand_inputs(inputs: list[str]) -> list[tuple[str, int]]:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from mesh_transformer import data, prepare
+from mesh_transformer import data, prepare, storage
 from mesh_transformer.data import DataError, Loader, validation_batches
 
 BUCKET = "corpus"
@@ -58,9 +58,9 @@ def emulator(tmp_path_factory):
             time.sleep(0.1)
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    prepare.gcs_client.cache_clear()
+    storage.gcs_client.cache_clear()
     yield
-    prepare.gcs_client.cache_clear()
+    storage.gcs_client.cache_clear()
     if old is None:
         del os.environ["STORAGE_EMULATOR_HOST"]
     else:
@@ -87,8 +87,8 @@ def test_prepare_from_and_into_a_bucket_matches_local(tmp_path, emulator):
     tokenizer_path = str(tmp_path / "tokenizer.json")
     prepare.train_tokenizer(iter(docs), 300).save(tokenizer_path)
     for name in ("00.jsonl.zst", "01.jsonl"):
-        prepare.gcs_blob(f"gs://{BUCKET}/raw/{name}").upload_from_filename(str(local_in / name))
-    prepare.gcs_blob(f"gs://{BUCKET}/tokenizer.json").upload_from_filename(tokenizer_path)
+        storage.gcs_blob(f"gs://{BUCKET}/raw/{name}").upload_from_filename(str(local_in / name))
+    storage.gcs_blob(f"gs://{BUCKET}/tokenizer.json").upload_from_filename(tokenizer_path)
 
     options = dict(val_fraction=0.2, shard_tokens=150, seed=2)
     remote = f"gs://{BUCKET}/prepared"
@@ -128,11 +128,11 @@ def test_prepare_from_and_into_a_bucket_matches_local(tmp_path, emulator):
 def test_bucket_errors_leave_no_index(tmp_path, emulator):
     tokenizer_path = str(tmp_path / "tokenizer.json")
     prepare.train_tokenizer(iter(documents(20)), 280).save(tokenizer_path)
-    prepare.gcs_blob(f"gs://{BUCKET}/bad/a.jsonl").upload_from_string(json.dumps({"text": "fine"}) + "\n")
-    prepare.gcs_blob(f"gs://{BUCKET}/bad/b.jsonl.zst").upload_from_string(b"\x28\xb5\x2f\xfd broken")
+    storage.gcs_blob(f"gs://{BUCKET}/bad/a.jsonl").upload_from_string(json.dumps({"text": "fine"}) + "\n")
+    storage.gcs_blob(f"gs://{BUCKET}/bad/b.jsonl.zst").upload_from_string(b"\x28\xb5\x2f\xfd broken")
     with pytest.raises(DataError, match=f"gs://{BUCKET}/bad/b.jsonl.zst: corrupt"):
         data.prepare_dataset([f"gs://{BUCKET}/bad/*"], f"gs://{BUCKET}/out", tokenizer_path=tokenizer_path)
-    assert not prepare.path_exists(f"gs://{BUCKET}/out/index.json")
+    assert not storage.path_exists(f"gs://{BUCKET}/out/index.json")
     with pytest.raises(DataError, match=f"input not found: gs://{BUCKET}/nothing-here"):
         data.prepare_dataset(
             [f"gs://{BUCKET}/nothing-here"], str(tmp_path / "o"), tokenizer_path=tokenizer_path
