@@ -22,6 +22,7 @@ import ray
 from mesh_transformer import cluster, data, sharding
 from mesh_transformer.checkpoint import CheckpointManager
 from mesh_transformer.config import from_dict
+from mesh_transformer.data import DataError
 from mesh_transformer.run import RunOptions, train
 from mesh_transformer.train import Trainer
 
@@ -158,6 +159,15 @@ def test_hung_step_is_detected_and_the_run_resumes_bit_identical(tmp_path, datas
     (recovery,) = recoveries(tmp_path)
     assert recovery["resume_step"] == 2 and "hung" in recovery["reason"], recovery
     assert_same_params(tmp_path, two_host_run)
+
+
+def test_a_users_mistake_inside_the_hosts_is_reported_not_retried(tmp_path, dataset, local_ray):
+    """A batch larger than the dataset fails in every host's loader: one clear error, no restarts."""
+    config = from_dict(dict(TINY, per_replica_batch=4096))
+    options = cluster.ClusterOptions(hosts=2, backoff_s=0)
+    with pytest.raises(DataError, match="split is too small"):
+        cluster.train(config, RunOptions(str(tmp_path), STEPS, [dataset], progress=False), options)
+    assert not (tmp_path / "metrics.jsonl").exists() or not recoveries(tmp_path)
 
 
 def device_train(*args: str) -> subprocess.CompletedProcess:
