@@ -28,6 +28,7 @@ from mesh_transformer.prepare import EOS_CANDIDATES
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 16
 UINT32 = 0xFFFFFFFF
+MAX_TEMPERATURE = 1e6
 
 
 class SamplingError(UserError):
@@ -366,12 +367,10 @@ class Generator:
             pad_B[b] = P - len(ids)
             seed_B2[b] = seed_key(p.seed)
             choice_B[b] = row.choice & UINT32
-            temperature_B[b], top_k_B[b], top_p_B[b], max_tokens_B[b] = (
-                p.temperature,
-                p.top_k,
-                p.top_p,
-                p.max_tokens,
-            )
+            # Beyond these bounds nothing changes (a uniform draw; every token kept), and they fit the dtypes.
+            temperature_B[b] = min(p.temperature, MAX_TEMPERATURE)
+            top_k_B[b] = min(p.top_k, self.vocab_size)
+            top_p_B[b], max_tokens_B[b] = p.top_p, p.max_tokens
         put = lambda x: jax.device_put(x, sharding.row_sharding(self.mesh, x.ndim))  # noqa: E731
         settings = tuple(put(x) for x in (temperature_B, top_k_B, top_p_B, max_tokens_B))
         state = _prefill(

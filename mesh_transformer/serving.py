@@ -38,8 +38,10 @@ DISCONNECT_POLL_S = 0.05
 class ServerOptions:
     model_name: str = "gptj"
     max_batch: int = 16  # rows generated together
-    batch_wait_s: float = 0.005  # a batch closes once no request arrived for this long ...
-    max_batch_wait_s: float = 0.05  # ... or this long after its first request
+    # A batch closes once no request arrived for batch_wait_s, or max_batch_wait_s after its first request:
+    # small next to a generation call, long enough for the clients of the last batch to come back.
+    batch_wait_s: float = 0.02
+    max_batch_wait_s: float = 0.2
     max_queue: int = 64  # requests waiting for a batch; more are refused with 503
     api_key: str | None = None  # when set, every /v1 and /complete request needs "Authorization: Bearer KEY"
     complete_max_tokens: int = 256  # what the original /complete route always generated

@@ -250,6 +250,21 @@ def test_bad_requests_name_the_problem_and_the_server_keeps_serving(server, clie
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
 
 
+def test_extreme_but_valid_values_are_served(server):
+    for extra in (
+        {"top_k": 10**12},
+        {"seed": -(10**30)},
+        {"temperature": 1e308},
+        {"top_p": 1e-300},
+        {"n": 3},
+    ):
+        response = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 2, **extra}, timeout=60
+        )
+        assert response.status_code == 200, (extra, response.text)
+        assert all(c["text"] is not None for c in response.json()["choices"])
+
+
 def test_models_health_and_the_original_complete_route(server):
     models = httpx.get(f"{server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
