@@ -6,6 +6,7 @@ device_sample.py end to end."""
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +28,12 @@ MODEL = "tiny-gptj"
 # Prompts and max_tokens stay small (<= 16 tokens each) and batches run at sizes 1 or 16, so the whole file
 # compiles a few shapes (shared with test_sampling.py).
 BATCH_SIZES = (1, 16)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class RunningServer:
@@ -420,6 +427,31 @@ def test_device_sample_script_completes_a_prompt_from_a_checkpoint(tmp_path, par
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Hello" + alone(server, "Hello", max_tokens=8, temperature=0) + "\n"
+
+    port = free_port()
+    serving = subprocess.Popen(
+        [*script, "--serve", "--port", str(port)],
+        env={**os.environ, "MESH_TRANSFORMER_API_KEY": "k3y"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while True:  # loading and compiling take a while in a fresh process
+            assert serving.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        auth = {"Authorization": "Bearer k3y"}
+        body = {"prompt": "Hello", "max_tokens": 8, "temperature": 0}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=120).status_code == 401
+        answer = httpx.post(f"{url}/v1/completions", json=body, headers=auth, timeout=120).json()
+        assert answer["model"] == "tiny" and answer["choices"][0]["text"] == done.stdout[len("Hello") : -1]
+    finally:
+        serving.terminate()
+        serving.wait(timeout=60)
 
     missing = subprocess.run(
         [*script, "--ckpt", str(tmp_path / "nowhere"), "--prompt", "a"],
