@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "DataError",
     "Loader",
     "default_corpus_files",
+    "find_tokenizer",
     "load_tokenizer",
     "prepare_dataset",
     "read_index",
@@ -338,3 +340,20 @@ def _check_vocab(index: dict, where: str, n_vocab: int) -> None:
         raise DataError(
             f"{where} was tokenized with {index['vocab_size']} tokens but the model's n_vocab is {n_vocab}"
         )
+
+
+def find_tokenizer(model_path: str, config: Any, explicit: str | None = None) -> str | None:
+    """A run's tokenizer.json: `explicit` (a file or a dataset dir), else the dataset under the model_dir that
+    `model_path` (a model_dir or its step_N checkpoint) belongs to, else the config's `tokenizer` key."""
+    if explicit:
+        path = explicit if explicit.endswith(".json") else join(explicit, TOKENIZER_NAME)
+        if not path_exists(path):
+            raise DataError(f"tokenizer {explicit}: not found; expected a tokenizer.json or a dataset dir")
+        return path
+    model_path = model_path.rstrip("/")
+    if re.search(r"(^|/)step_\d+$", model_path):
+        model_path = model_path.rsplit("/", 1)[0]
+    for candidate in (join(model_path, "dataset", TOKENIZER_NAME), config.tokenizer):
+        if candidate and path_exists(candidate):
+            return candidate
+    return None

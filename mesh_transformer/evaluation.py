@@ -388,12 +388,13 @@ def load_params(trainer: Trainer, path: str) -> Any:
 def find_tokenizer(explicit: str | None, model_path: str, config: Config) -> Any:
     """The tokenizer to evaluate with: `explicit` (a tokenizer.json or a prepared dataset dir), else a
     Hugging Face folder's own, else the one the HF export would pick (the run's dataset, the config's)."""
-    from mesh_transformer.hf import _find_tokenizer, is_hf_folder
+    from mesh_transformer.data import find_tokenizer
+    from mesh_transformer.hf import is_hf_folder
 
     hf_tokenizer = join(model_path, TOKENIZER_NAME)
     if not explicit and "://" not in model_path and is_hf_folder(model_path) and path_exists(hf_tokenizer):
         return read_tokenizer_file(hf_tokenizer)[0]
-    path = _find_tokenizer(model_path, config, explicit)  # one search rule for export and evaluation
+    path = find_tokenizer(model_path, config, explicit)  # one search rule for export and evaluation
     if path is None:
         raise UserError(
             f"no tokenizer found for {model_path}; "

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 
 from mesh_transformer.config import Config
+from mesh_transformer.data import find_tokenizer
 from mesh_transformer.errors import UserError
 
 LAYERS = "gptj/layers/block/"
@@ -296,25 +297,6 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
-def _find_tokenizer(ckpt: str, config: Config, explicit: str | None) -> str | None:
-    """The run's tokenizer.json: `explicit` (a file or a dataset dir), else the dataset under the model_dir
-    the checkpoint belongs to, else the config's `tokenizer`."""
-    from mesh_transformer.prepare import TOKENIZER_NAME
-    from mesh_transformer.storage import join, path_exists
-
-    if explicit:
-        path = explicit if explicit.endswith(".json") else join(explicit, TOKENIZER_NAME)
-        if not path_exists(path):
-            raise InteropError(f"tokenizer {explicit}: not found; expected a tokenizer.json or a dataset dir")
-        return path
-    ckpt = ckpt.rstrip("/")
-    parent = ckpt.rsplit("/", 1)[0] if re.search(r"(^|/)step_\d+$", ckpt) else ckpt
-    for candidate in (join(parent, "dataset", TOKENIZER_NAME), config.tokenizer):
-        if candidate and path_exists(candidate):
-            return candidate
-    return None
-
-
 def _tokenizer_files(path: str, seq: int) -> tuple[dict[str, str], int | None]:
     """tokenizer.json and tokenizer_config.json contents for a `transformers` fast tokenizer; the eos id."""
     from mesh_transformer.prepare import read_tokenizer_file
@@ -367,7 +349,7 @@ def export_checkpoint(
     except CheckpointError as e:
         raise InteropError(str(e)) from None
     _check_checkpoint_shapes(pieces.shapes, config, ckpt)
-    tokenizer_path = _find_tokenizer(ckpt, config, tokenizer)
+    tokenizer_path = find_tokenizer(ckpt, config, tokenizer)
     tokenizer_files, eos_id = _tokenizer_files(tokenizer_path, config.seq) if tokenizer_path else ({}, None)
     if eos_id is None and tokenizer_path is None and config.n_vocab > GPT2_EOS_ID:
         eos_id = GPT2_EOS_ID

@@ -20,7 +20,7 @@ from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
 from mesh_transformer.model import ModelShape, param_count
-from mesh_transformer.sampling import generate
+from mesh_transformer.sampling import generate, sampling_mesh
 from mesh_transformer.train import Trainer, TrainState
 
 
@@ -167,7 +167,8 @@ def train(config: Config, options: RunOptions) -> dict:
         bar.close()
         log.close()
 
-    if options.sample_prompt is not None and is_main:
+    # Params spanning several processes cannot be sampled by one; the Ray driver samples from the checkpoint.
+    if options.sample_prompt is not None and jax.process_count() == 1:
         print(sample_text(config, state.params, dataset_dir, options.sample_prompt, options.sample_tokens))
     return metrics
 
@@ -197,16 +198,18 @@ def initial_state(
 
 
 def sample_text(config: Config, params, dataset_dir: str, prompt: str, n_tokens: int) -> str:
+    """A continuation of `prompt` by the trained params, split over `mp` devices like in training."""
     tokenizer = data.load_tokenizer(dataset_dir)
     prompt_ids = tokenizer.encode(prompt).ids or [tokenizer.token_to_id("<|endoftext|>") or 0]
     new_ids = generate(
         ModelShape.from_config(config),
-        jax.device_get(params),
+        params,
         prompt_ids,
         n_tokens,
         seq=config.seq,
         vocab_size=tokenizer.get_vocab_size(),
         temperature=0.8,
         seed=config.seed,
+        mesh=sampling_mesh(config.mp),
     )
     return prompt + tokenizer.decode(new_ids)

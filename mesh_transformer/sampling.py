@@ -460,11 +460,11 @@ def load_generator(
     `mesh` (default: `sampling_mesh(config.mp)`), with the run's tokenizer: `tokenizer_path` (a
     tokenizer.json or dataset dir), else the dataset next to the checkpoint, else the config's `tokenizer`."""
     from mesh_transformer.checkpoint import load_params
-    from mesh_transformer.hf import _find_tokenizer
+    from mesh_transformer.data import find_tokenizer
     from mesh_transformer.memory import abstract_params
     from mesh_transformer.prepare import read_tokenizer_file
 
-    path = _find_tokenizer(ckpt, config, tokenizer_path)
+    path = find_tokenizer(ckpt, config, tokenizer_path)
     if path is None:
         raise SamplingError(
             f"no tokenizer found for {ckpt}: pass --tokenizer path/to/tokenizer.json (or a dataset dir)"
