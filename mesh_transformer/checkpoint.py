@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import json
 import os
 import re
@@ -46,6 +47,8 @@ PARAMS_PREFIX = ".params"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Writer threads per process: enough to overlap checksums, local writes and GCS round trips.
 _WRITE_THREADS = 4
+# Slices of the blocking device-to-host copy handed to each copy thread.
+_COPY_CHUNK = 16 * 1024 * 1024
 # Pieces a restore reads ahead of the one it is placing (each on its own thread).
 _READ_AHEAD = 2
 # How long a process waits for its peers to finish writing; past it the save fails and stays uncommitted.
@@ -414,15 +417,8 @@ class _Piece:
     array: np.ndarray
 
 
-def _host_pieces(
-    leaves: list[Any], records: list[dict], buffers: dict[tuple[int, int], np.ndarray] | None = None
-) -> list[_Piece]:
-    """Host copies of the replica-0 shards this process holds: one copy of each piece in the whole job.
-
-    `buffers` (leaf, piece) -> array is reused when shape and dtype still match and refilled otherwise:
-    copying into memory that is already mapped is several times faster than into fresh pages.
-    """
-    buffers = {} if buffers is None else buffers
+def _replica0_shards(leaves: list[Any], records: list[dict]) -> list[tuple[int, int, Any]]:
+    """(leaf index, piece index, data) of every replica-0 shard this process holds."""
     found: list[tuple[int, int, Any]] = []
     for i, (leaf, record) in enumerate(zip(leaves, records, strict=True)):
         box_index = {tuple(tuple(b) for b in box): j for j, box in enumerate(record["boxes"])}
@@ -432,20 +428,52 @@ def _host_pieces(
                     found.append((i, box_index[_box(shard.index, leaf.shape)], shard.data))
         elif jax.process_index() == 0:
             found.append((i, 0, np.asarray(leaf)))
+    return found
+
+
+def _host_pieces(
+    leaves: list[Any], records: list[dict], buffers: dict[tuple[int, int], np.ndarray] | None = None
+) -> list[_Piece]:
+    """Host copies of the replica-0 shards this process holds: one copy of each piece in the whole job.
+
+    `buffers` (leaf, piece) -> array is reused when shape and dtype still match and refilled otherwise:
+    copying into memory that is already mapped is several times faster than into fresh pages.
+    """
+    buffers = {} if buffers is None else buffers
+    found = _replica0_shards(leaves, records)
     for _, _, data in found:  # start every device-to-host transfer before waiting on any
         if isinstance(data, jax.Array):
             data.copy_to_host_async()
-    pieces = []
+    pieces, copies = [], []
     for i, j, data in found:
         source = np.asarray(data)
         buffer = buffers.get((i, j))
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             buffer = buffers[(i, j)] = _aligned_empty(source.shape, source.dtype)
         # A real copy, never a view: the training loop may donate or overwrite the device buffers next step.
-        np.copyto(buffer, source)
-        del source
+        copies.append((buffer, source))
         pieces.append(_Piece(i, j, buffer))
+    _parallel_copy(copies)
     return pieces
+
+
+def _parallel_copy(copies: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """np.copyto for every (destination, source), in `_COPY_CHUNK`-byte slices spread over the host's cores:
+    this copy is the only part of an asynchronous save that the training loop waits for."""
+    jobs = []
+    for buffer, source in copies:
+        if not (buffer.flags.c_contiguous and source.flags.c_contiguous) or buffer.nbytes <= _COPY_CHUNK:
+            jobs.append((buffer, source))
+            continue
+        flat_buffer, flat_source = buffer.reshape(-1), source.reshape(-1)
+        step = max(1, _COPY_CHUNK // buffer.itemsize)
+        jobs += [(flat_buffer[k : k + step], flat_source[k : k + step]) for k in range(0, buffer.size, step)]
+    list(_copy_pool().map(lambda job: np.copyto(*job), jobs))  # numpy releases the GIL while copying
+
+
+@functools.cache
+def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="checkpoint-copy")
 
 
 def _barrier(name: str) -> None:
@@ -758,12 +786,16 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self._saves = 0  # makes every barrier name unique within this process's lifetime
         self._host_buffers: dict[tuple[int, int], np.ndarray] = {}  # reused by every save; see _host_pieces
+        self._preparing: threading.Thread | None = None
         self.last_blocked_s = 0.0  # how long the last `save` held up its caller
 
     def save(self, step: int, state: Any, extra: dict) -> None:
         """Start saving `state` as step `step`; returns once host copies are taken. `extra` must be JSON."""
         started = time.perf_counter()
         self.wait()
+        if self._preparing is not None:
+            self._preparing.join()
+            self._preparing = None
         try:
             extra_json = json.loads(json.dumps(extra))
         except (TypeError, ValueError) as e:
@@ -792,6 +824,22 @@ class CheckpointManager:
                 self._apply_retention()
         except BaseException as e:  # re-raised in the caller's thread by wait()
             self._error = e
+
+    def prepare(self, state: Any) -> None:
+        """Map the host buffers that saves of `state`'s structure will copy into, in a background thread, so
+        that the first save does not stall the training loop on fresh memory (shapes only; no data moves)."""
+        flat, _ = jax.tree_util.tree_flatten_with_path(state)
+        shards = _replica0_shards([leaf for _, leaf in flat], _describe_leaves(flat))
+        shapes = {(i, j): (data.shape, data.dtype) for i, j, data in shards}
+
+        def allocate() -> None:
+            for key, (shape, dtype) in shapes.items():
+                buffer = _aligned_empty(shape, dtype)
+                buffer.reshape(-1).view(np.uint8).fill(0)  # touch every page now
+                self._host_buffers[key] = buffer
+
+        self._preparing = threading.Thread(target=allocate, name="checkpoint-buffers", daemon=True)
+        self._preparing.start()
 
     def wait(self) -> None:
         """Block until the pending save is committed; raise CheckpointError if it failed."""

@@ -107,6 +107,7 @@ def train(config: Config, options: RunOptions) -> dict:
     evaluator = Evaluator(trainer, dataset_dir)  # checks val sets and harness tasks before training
     checkpoints = CheckpointManager(model_dir, keep_n=config.keep_n, keep_every=config.keep_every)
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
+    checkpoints.prepare(state)  # host buffers for the saves, mapped while the first steps run
 
     n_params = param_count(state.params)
     model_flops_per_token = flops_per_token(config, matmul_params(config, n_params))

@@ -177,6 +177,24 @@ def test_save_returns_with_host_copies_so_arrays_can_be_freed(tmp_path: Path) ->
     assert_trees_equal(restored, host)
 
 
+def test_prepared_buffers_are_the_ones_saves_copy_into(tmp_path: Path) -> None:
+    """prepare() maps the host buffers ahead of the first save; saves then copy into exactly those, and
+    values written after one save do not leak into the next."""
+    manager = CheckpointManager(str(tmp_path), keep_n=2)
+    mesh = make_mesh(2, 4)
+    manager.prepare(place(host_state(1), mesh))
+    manager._preparing.join()
+    prepared = {key: id(buffer) for key, buffer in manager._host_buffers.items()}
+    assert prepared
+    for seed in (4, 5):
+        manager.save(seed, place(host_state(seed), mesh), {})
+        manager.wait()
+        assert {key: id(buffer) for key, buffer in manager._host_buffers.items()} == prepared
+    for seed in (4, 5):
+        restored, _ = manager.restore(target_for(make_mesh(4, 2)), step=seed)
+        assert_trees_equal(restored, host_state(seed))
+
+
 def test_uncommitted_checkpoint_is_ignored_and_rewritten(tmp_path: Path) -> None:
     manager = CheckpointManager(str(tmp_path))
     mesh = make_mesh(2, 4)
