@@ -37,15 +37,19 @@ SHAPES = {
 }
 SHAPE = SHAPES["wide"]  # the server measurement's model
 SEQ, PROMPT, NEW, CLIENTS = 256, 32, 128, 16
+PAUSE = 0.5  # seconds between timed calls
 
 
 def median_seconds(fns: list, reps: int) -> list[float]:
-    """Median seconds of each function, called in turn `reps` times after an untimed warm-up call each."""
+    """Median seconds of each function, called in turn `reps` times after an untimed warm-up call each.
+    Each call starts after a pause, so that the other side's worker threads (OpenMP's and XLA's spin a while
+    after their work) have gone idle and do not take a core from it."""
     for fn in fns:
         fn()  # compilation / allocator warm-up
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
         for fn, t in zip(fns, times, strict=True):
+            time.sleep(PAUSE)
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)

@@ -4,8 +4,9 @@ Each block is `x + Attn(LN(x)) + MLP(LN(x))` with interleaved partial rotary emb
 with bias, and float32 softmax/LayerNorm. Layers are stacked (`hk.layer_stack`) so that a 28-layer model
 compiles once per layer, not 28 times. Model code names logical axes only; `sharding` maps them to the mesh.
 
-With a `KVCache` the same modules run incrementally for generation: keys and values of new tokens are
-written into the cache and attention reads every cached slot (see `GPTJ.__call__`).
+With a `KVCache` the same modules run incrementally for generation, unrolled over layers that each have
+their own weights (`unstack_layers`): keys and values of new tokens are written into the cache and
+attention reads every cached slot (see `GPTJ.__call__`).
 
 Shape suffixes: B batch, T sequence, S cache slots, D d_model, H heads, K head dim, F d_ff, V vocab,
 L layers.
@@ -99,34 +100,36 @@ def layer_norm(name: str):
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for S slots. Row b's first `pad_B[b]` slots are padding (prompts are
-    right-aligned to a common length), so slot j holds position j - pad_B[b]; a forward pass writes its T
-    tokens at slots [write_index, write_index + T), the same slots in every row. Heads come before slots so
-    that attention reads the cache in place (batched over b, h) rather than transposing it every step."""
+    """Keys and values of every layer for S slots, one array per layer. Row b's first `pad_B[b]` slots are
+    padding (prompts are right-aligned to a common length), so slot j holds position j - pad_B[b]; a forward
+    pass writes its T tokens at slots [write_index, write_index + T), the same slots in every row. The
+    layouts are the ones attention's two matmuls (batched over b, h) read in place: keys (B, H, K, S), values
+    (B, H, S, K); and one array per layer, so that no layer's cache is sliced out of (copied from) a
+    stacked one."""
 
-    k_LBHSK: jax.Array
-    v_LBHSK: jax.Array
+    k_BHKS: tuple[jax.Array, ...]
+    v_BHSK: tuple[jax.Array, ...]
     pad_B: jax.Array  # int32
     write_index: jax.Array  # int32 scalar
 
     @classmethod
     def empty(cls, shape: ModelShape, pad_B: jax.Array, slots: int) -> KVCache:
-        kv_shape = (shape.layers, pad_B.shape[0], shape.n_heads, slots, shape.head_dim)
+        B, H, K = pad_B.shape[0], shape.n_heads, shape.head_dim
         dtype = jnp.dtype(shape.compute_dtype)
         return cls(
-            jnp.zeros(kv_shape, dtype),
-            jnp.zeros(kv_shape, dtype),
+            tuple(jnp.zeros((B, H, K, slots), dtype) for _ in range(shape.layers)),
+            tuple(jnp.zeros((B, H, slots, K), dtype) for _ in range(shape.layers)),
             pad_B.astype(jnp.int32),
             jnp.zeros((), jnp.int32),
         )
 
 
 class _LayerCache(NamedTuple):
-    """What one layer of the stack needs of the cache: all layers' k/v (updated in place), its index."""
+    """What one layer needs of the cache: its keys and values (updated in place), where the new tokens go,
+    and which slots each new token may attend to."""
 
-    k_LBHSK: jax.Array
-    v_LBHSK: jax.Array
-    layer: jax.Array
+    k_BHKS: jax.Array
+    v_BHSK: jax.Array
     write_index: jax.Array
     mask_B1TS: jax.Array  # which slots each new token may attend to
 
@@ -164,26 +167,27 @@ class Block(hk.Module):
 
         cd = jnp.dtype(s.compute_dtype)
         if cache is None:
-            keys, values, kv = k_BTHK, v_BTHK, "bshk"
+            keys, values, k_spec, v_spec = k_BTHK, v_BTHK, "bshk", "bshk"
             mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # causal, (T, S) with S = T
         else:
-            at = (cache.layer, 0, 0, cache.write_index, 0)
-            new_k_1BHTK = k_BTHK.transpose(0, 2, 1, 3)[None].astype(cd)
-            new_v_1BHTK = v_BTHK.transpose(0, 2, 1, 3)[None].astype(cd)
-            cache = cache._replace(
-                k_LBHSK=jax.lax.dynamic_update_slice(cache.k_LBHSK, new_k_1BHTK, at),
-                v_LBHSK=jax.lax.dynamic_update_slice(cache.v_LBHSK, new_v_1BHTK, at),
+            k_BHKS = jax.lax.dynamic_update_slice(
+                cache.k_BHKS, k_BTHK.transpose(0, 2, 3, 1).astype(cd), (0, 0, 0, cache.write_index)
             )
-            keys = constrain(cache.k_LBHSK[cache.layer], ("batch", "heads", "seq", None))
-            values = constrain(cache.v_LBHSK[cache.layer], ("batch", "heads", "seq", None))
-            kv, mask = "bhsk", cache.mask_B1TS
+            v_BHSK = jax.lax.dynamic_update_slice(
+                cache.v_BHSK, v_BTHK.transpose(0, 2, 1, 3).astype(cd), (0, 0, cache.write_index, 0)
+            )
+            cache = cache._replace(k_BHKS=k_BHKS, v_BHSK=v_BHSK)
+            keys, values, k_spec, v_spec, mask = k_BHKS, v_BHSK, "bhks", "bhsk", cache.mask_B1TS
         scores_BHTS = jnp.einsum(
-            f"bthk,{kv}->bhts", q_BTHK.astype(cd), keys.astype(cd), preferred_element_type=jnp.float32
+            f"bthk,{k_spec}->bhts", q_BTHK.astype(cd), keys.astype(cd), preferred_element_type=jnp.float32
         ) / math.sqrt(s.head_dim)
         scores_BHTS = jnp.where(mask, scores_BHTS, jnp.finfo(jnp.float32).min)
         probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
         attn_BTHK = jnp.einsum(
-            f"bhts,{kv}->bthk", probs_BHTS.astype(cd), values.astype(cd), preferred_element_type=jnp.float32
+            f"bhts,{v_spec}->bthk",
+            probs_BHTS.astype(cd),
+            values.astype(cd),
+            preferred_element_type=jnp.float32,
         )
         attn_BTD = attn_BTHK.reshape(B, T, s.d_model)
         attn_BTD = Dense(s.d_model, stddev=out_std, bias=False, dtype=s.compute_dtype, name="out_proj")(
@@ -236,21 +240,21 @@ class GPTJ(hk.Module):
             slot_T = cache.write_index + jnp.arange(T)
             sin_BTR, cos_BTR = rotary_sin_cos(slot_T[None, :] - cache.pad_B[:, None], s.rotary_dims)
             # A new token sees the real (non-padding) slots up to and including its own.
-            slot_S = jnp.arange(cache.k_LBHSK.shape[3])
+            slot_S = jnp.arange(cache.v_BHSK[0].shape[2])
             mask_B1TS = (slot_S[None, None, None, :] <= slot_T[None, None, :, None]) & (
                 slot_S[None, None, None, :] >= cache.pad_B[:, None, None, None]
             )
-
-            def cached_layer(carry, index):
-                x_BTD, k_LBHSK, v_LBHSK = carry
-                layer_cache = _LayerCache(k_LBHSK, v_LBHSK, index, cache.write_index, mask_B1TS)
-                x_BTD, layer_cache = Block(s, name="block")(x_BTD, sin_BTR, cos_BTR, layer_cache)
-                return (x_BTD, layer_cache.k_LBHSK, layer_cache.v_LBHSK), None
-
-            stack = hk.layer_stack(s.layers, with_per_layer_inputs=True, name="layers")
-            carry = (x_BTD, cache.k_LBHSK, cache.v_LBHSK)
-            (x_BTD, k_LBHSK, v_LBHSK), _ = stack(cached_layer)(carry, jnp.arange(s.layers))
-            cache = cache._replace(k_LBHSK=k_LBHSK, v_LBHSK=v_LBHSK, write_index=cache.write_index + T)
+            # Unrolled over layers, each with its own weights (see `unstack_layers`): slicing one layer out of
+            # stacked weights inside the decode loop copies it on every token, which doubled the step's time.
+            k_BHKS, v_BHSK = [], []
+            for i in range(s.layers):
+                layer_cache = _LayerCache(cache.k_BHKS[i], cache.v_BHSK[i], cache.write_index, mask_B1TS)
+                x_BTD, layer_cache = Block(s, name=f"layer_{i}")(x_BTD, sin_BTR, cos_BTR, layer_cache)
+                k_BHKS.append(layer_cache.k_BHKS)
+                v_BHSK.append(layer_cache.v_BHSK)
+            cache = cache._replace(
+                k_BHKS=tuple(k_BHKS), v_BHSK=tuple(v_BHSK), write_index=cache.write_index + T
+            )
             x_BTD = x_BTD[:, -1:]  # only the next-token logits are wanted: the head runs on one position
 
         x_BTD = layer_norm("ln_f")(x_BTD)
@@ -263,8 +267,24 @@ class GPTJ(hk.Module):
 
 def build(shape: ModelShape) -> hk.Transformed:
     """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV, and
-    apply(params, None, tokens_BT, cache) -> (next-token logits_BV, cache) for generation."""
+    apply(unstack_layers(params), None, tokens_BT, cache) -> (next-token logits_BV, cache) for generation."""
     return hk.transform(lambda tokens_BT, cache=None: GPTJ(shape)(tokens_BT, cache))
+
+
+STACKED_LAYER = "gptj/layers/block/"
+
+
+def unstack_layers(params: dict, layers: int) -> dict:
+    """The params as generation (a `KVCache` given) reads them: every stacked per-layer array
+    ("gptj/layers/block/fc_in") split into one array per layer ("gptj/layer_0/fc_in", ...)."""
+    out = {}
+    for module, leaves in params.items():
+        if module.startswith(STACKED_LAYER):
+            for i in range(layers):
+                out[f"gptj/layer_{i}/{module[len(STACKED_LAYER) :]}"] = {n: v[i] for n, v in leaves.items()}
+        else:
+            out[module] = leaves
+    return out
 
 
 def param_count(params) -> int:

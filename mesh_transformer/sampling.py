@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from mesh_transformer import sharding
 from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
-from mesh_transformer.model import KVCache, ModelShape, build
+from mesh_transformer.model import KVCache, ModelShape, build, unstack_layers
 from mesh_transformer.prepare import EOS_CANDIDATES
 
 MIN_PROMPT_BUCKET = 16
@@ -164,13 +164,12 @@ def _prefill(
     """The prompts (left-padded to P) into a fresh cache of `slots` slots; the decode loop's first state."""
     temperature_B, top_k_B, top_p_B, max_tokens_B = settings
     key_B2 = jax.vmap(jax.random.fold_in)(seed_B2, choice_B)
-    cache_sharding = sharding.kv_cache_sharding(mesh)
     with sharding.activation_sharding(mesh):
         cache = KVCache.empty(shape, pad_B, slots)
-        cache = cache._replace(
-            k_LBHSK=jax.lax.with_sharding_constraint(cache.k_LBHSK, cache_sharding),
-            v_LBHSK=jax.lax.with_sharding_constraint(cache.v_LBHSK, cache_sharding),
+        k, v = jax.lax.with_sharding_constraint(
+            (cache.k_BHKS, cache.v_BHSK), sharding.kv_cache_sharding(mesh)
         )
+        cache = cache._replace(k_BHKS=k, v_BHSK=v)
         logits_BV, cache = build(shape).apply(params, None, tokens_BP, cache)
     count_B = jnp.zeros_like(pad_B)
     done_B = count_B >= max_tokens_B  # batch filler rows ask for no tokens
@@ -444,13 +443,14 @@ def _inference_dtypes(params: Any, compute_dtype: str) -> Any:
 
 
 def place_params(params: Any, shape: ModelShape, mesh: Mesh) -> Any:
-    """`params` (host or device arrays) split over `mesh` and cast as `inference_params_target` says."""
+    """`params` (host or device arrays, layers stacked as trained) split over `mesh`, cast as
+    `inference_params_target` says, and one array per layer (`model.unstack_layers`): what decoding reads."""
     target = inference_params_target(shape, params, mesh)
-    shardings = jax.tree_util.tree_map(lambda t: t.sharding, target)
-    placed = jax.device_put(params, shardings)
-    return jax.jit(
-        lambda p: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), p, target), out_shardings=shardings
-    )(placed)
+    placed = jax.device_put(params, jax.tree_util.tree_map(lambda t: t.sharding, target))
+    unstacked = jax.eval_shape(lambda p: unstack_layers(p, shape.layers), target)
+    shardings = sharding.tree_shardings(mesh, sharding.param_specs(unstacked, sharding.logical_rules()))
+    cast = lambda p: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), p, target)  # noqa: E731
+    return jax.jit(lambda p: unstack_layers(cast(p), shape.layers), out_shardings=shardings)(placed)
 
 
 def load_generator(

@@ -93,6 +93,10 @@ def spec_for(logical_axes: Sequence[str | None], rules: Mapping[str, str | None]
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    # Generation's one-array-per-layer weights ("gptj/layer_3/fc_in/w", `model.unstack_layers`) split like
+    # one layer of the stacked array.
+    if layer := re.fullmatch(r"gptj/layer_\d+/(.+)", path):
+        return param_logical_axes(f"gptj/layers/block/{layer[1]}", ndim + 1)[1:]
     for pattern, axes in PARAM_AXES:
         if re.search(pattern, path):
             assert len(axes) == ndim, f"rule {pattern} has {len(axes)} axes, {path} has {ndim} dims"
@@ -130,8 +134,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-# Generation's KV cache (layers, batch, heads, slots, head_dim) splits like attention: heads over `mp`.
-KV_CACHE_AXES: tuple[str | None, ...] = ("layers", "batch", "heads", "seq", None)
+# Generation's KV cache (per layer: batch, heads, then slots and head_dim in the order keys or values keep
+# them) splits like attention: heads over `mp`.
+KV_CACHE_AXES: tuple[str | None, ...] = ("batch", "heads", None, None)
 
 
 def kv_cache_sharding(mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mesh_transformer.model import KVCache, ModelShape, build
+from mesh_transformer.model import KVCache, ModelShape, build, unstack_layers
 from mesh_transformer.sampling import (
     Generator,
     Row,
@@ -92,12 +92,13 @@ def test_cached_logits_match_full_forward_with_left_padding(params):
     tokens = np.random.default_rng(0).integers(0, 300, (2, 14))
     pad = np.array([0, 4])  # row 1's real tokens start at slot 4
     cache = KVCache.empty(SHAPE, jnp.asarray(pad), 24)
-    logits_BV, cache = apply(params, None, jnp.asarray(tokens[:, :8]), cache)
+    layer_params = unstack_layers(params, SHAPE.layers)
+    logits_BV, cache = apply(layer_params, None, jnp.asarray(tokens[:, :8]), cache)
     expected = [full_logits(params, tokens[b, pad[b] :]) for b in range(2)]
     for b in range(2):
         np.testing.assert_allclose(logits_BV[b], expected[b][7 - pad[b]], atol=1e-4, rtol=0)
     for t in range(8, 14):
-        logits_BV, cache = apply(params, None, jnp.asarray(tokens[:, t : t + 1]), cache)
+        logits_BV, cache = apply(layer_params, None, jnp.asarray(tokens[:, t : t + 1]), cache)
         for b in range(2):
             np.testing.assert_allclose(logits_BV[b], expected[b][t - pad[b]], atol=1e-4, rtol=0)
     assert int(cache.write_index) == 14
@@ -224,7 +225,7 @@ def test_sharded_generation_equals_single_device(params, tokenizer, generator):
         Row([1] * 16, SamplingParams(max_tokens=10, temperature=0)),
     ] + [Row([i + 1], SamplingParams(max_tokens=16, temperature=0.5, seed=i)) for i in range(3)]
     assert [c.token_ids for c in sharded.generate(rows)] == [c.token_ids for c in generator.generate(rows)]
-    assert sharded.params["gptj/layers/block/q_proj"]["w"].sharding.spec == PartitionSpec(None, None, "mp")
+    assert sharded.params["gptj/layer_0/q_proj"]["w"].sharding.spec == PartitionSpec(None, "mp")
     assert sampling_mesh(2).shape == {"dp": 1, "mp": 2}
 
 
