@@ -5,12 +5,13 @@ Two small GPT-Js in float32 - the demo config's shape (4 layers, d_model 256, vo
 (4 layers, d_model 512, vocab 8192) - with the same weights on both sides (converted with `hf.hf_tensors`)
 generate 128 new tokens greedily after a 32-token prompt at batch 1 and 8: our jitted prefill + KV-cache
 while_loop against `GPTJForCausalLM.generate` (KV cache on, torch CPU), timed alternately so that a busy
-machine slows both alike. Then
+machine slows both alike. A third column times the model's weight matmuls alone for as many dependent
+steps (no attention, norms or sampling): the memory-bandwidth floor of a decode step. Then
 16 clients send requests (prompt 32, 128 new tokens, greedy) to the server on 127.0.0.1 at the same time,
 each sending its next request as soon as the last one is answered; their aggregate new tokens/s is compared
 with one offline `generate` call over 16 rows.
 
-    python benchmarks/sample_throughput.py [--reps 3] [--rounds 3] [--threads N]
+    python benchmarks/sample_throughput.py [--reps 5] [--rounds 3] [--threads N]
 """
 
 import argparse
@@ -36,6 +37,7 @@ SHAPES = {
     "wide": ModelShape(4, 512, 8, 8192, 32, "float32", "none"),
 }
 SHAPE = SHAPES["wide"]  # the server measurement's model
+LAYER_MATRICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
 SEQ, PROMPT, NEW, CLIENTS = 256, 32, 128, 16
 PAUSE = 0.5  # seconds between timed calls
 
@@ -71,6 +73,25 @@ def ours(generator: Generator, batch: int, out: dict):
         out["ours"] = [c.token_ids for c in generator.generate(rows)]
 
     return run
+
+
+def weights_only(generator: Generator, batch: int):
+    """A function running just the model's weight matmuls for NEW decode steps, each step's input depending
+    on the last one's output: the floor a decode step cannot go below (it reads every weight once)."""
+    params, shape = generator.params, generator.shape
+    layers = [params[f"gptj/layer_{i}/{m}"]["w"] for i in range(shape.layers) for m in LAYER_MATRICES]
+    head = params["gptj/lm_head"]["w"]
+
+    def step(_, x_BD):
+        for i in range(0, len(layers), len(LAYER_MATRICES)):
+            q, k, v, out, fc_in, fc_out = layers[i : i + len(LAYER_MATRICES)]
+            attn_BD = (jnp.tanh(x_BD @ q) + jnp.tanh(x_BD @ k) + jnp.tanh(x_BD @ v)) @ out
+            x_BD = x_BD + 1e-3 * (attn_BD + jnp.tanh(x_BD @ fc_in) @ fc_out)
+        return x_BD + 1e-3 * (x_BD @ head)[:, : x_BD.shape[1]]
+
+    run = jax.jit(lambda x_BD: jax.lax.fori_loop(0, NEW, step, x_BD))
+    x_BD = jnp.full((batch, shape.d_model), 0.01, jnp.float32)
+    return lambda: run(x_BD).block_until_ready()
 
 
 def hf_model(shape: ModelShape, params):
@@ -184,7 +205,7 @@ def server_vs_offline(params, rounds: int) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3, help="timed generate calls per measurement (median)")
+    parser.add_argument("--reps", type=int, default=5, help="timed generate calls per measurement (median)")
     parser.add_argument("--rounds", type=int, default=3, help="requests each server client sends, timed")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     args = parser.parse_args()
@@ -196,7 +217,7 @@ def main() -> None:
     )
     print(
         f"{'model':>26} {'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} "
-        f"{'ratio':>6} {'same ids':>9}"
+        f"{'ratio':>6} {'same ids':>9} {'weights-only floor tok/s':>25}"
     )
     for name, shape in SHAPES.items():
         params = jax.jit(build(shape).init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
@@ -206,12 +227,14 @@ def main() -> None:
         label = f"{name} (d {shape.d_model}, V {shape.n_vocab})"
         for batch in (1, 8):
             out: dict = {}
-            ours_s, their_s = median_seconds(
-                [ours(generator, batch, out), theirs(model, batch, out)], args.reps
+            ours_s, their_s, floor_s = median_seconds(
+                [ours(generator, batch, out), theirs(model, batch, out), weights_only(generator, batch)],
+                args.reps,
             )
             print(
                 f"{label:>26} {batch:>5} {batch * NEW / ours_s:>11,.0f} {batch * NEW / their_s:>19,.0f} "
-                f"{their_s / ours_s:>5.2f}x {agreement(out['ours'], out['theirs']):>9.0%}"
+                f"{their_s / ours_s:>5.2f}x {agreement(out['ours'], out['theirs']):>9.0%} "
+                f"{batch * NEW / floor_s:>25,.0f}"
             )
 
     served, offline, mean_batch = server_vs_offline(params, args.rounds)

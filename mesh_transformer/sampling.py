@@ -111,7 +111,7 @@ def sample_next(
     top-k and top-p filtered distribution with noise from (the row's key, the token's index)."""
     V = logits_BV.shape[-1]
     logits_BV = jnp.where(jnp.arange(V) < vocab_size, logits_BV.astype(jnp.float32), -jnp.inf)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = first_argmax(logits_BV)
 
     def draw() -> jax.Array:
         scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
@@ -121,10 +121,20 @@ def sample_next(
             needs_filter, _filter_top_k_top_p, lambda x, *_: x, scaled_BV, top_k_B, top_p_B
         )
         noise_BV = jax.vmap(lambda k, i: jax.random.gumbel(jax.random.fold_in(k, i), (V,)))(key_B2, index_B)
-        return jnp.argmax(scaled_BV + noise_BV, axis=-1).astype(jnp.int32)
+        return first_argmax(scaled_BV + noise_BV)
 
     sampled_B = jax.lax.cond(jnp.all(temperature_B == 0), lambda: greedy_B, draw)
     return jnp.where(temperature_B == 0, greedy_B, sampled_B)
+
+
+def first_argmax(x_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax(x_BV, axis=-1)` (the first index of the maximum) as two plain reductions, which XLA CPU
+    vectorizes: its fused (value, index) reduction took 4x as long, 4% of a decode step at batch 8.
+    A row without a maximum (NaN logits) gets 0."""
+    V = x_BV.shape[-1]
+    is_max_BV = x_BV == jnp.max(x_BV, axis=-1, keepdims=True)
+    index_B = jnp.min(jnp.where(is_max_BV, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    return jnp.where(index_B < V, index_B, 0)
 
 
 def _filter_top_k_top_p(scaled_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:

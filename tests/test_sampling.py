@@ -16,6 +16,7 @@ from mesh_transformer.sampling import (
     SamplingError,
     SamplingParams,
     bucket,
+    first_argmax,
     generate,
     sample_next,
     sampling_mesh,
@@ -124,6 +125,16 @@ def test_never_emits_ids_beyond_the_tokenizer_vocabulary(params, tokenizer):
     for completion in gen.generate(rows[:1]) + gen.generate(rows[1:]):
         assert completion.generated_tokens == 16
         assert all(0 < t < 300 for t in completion.token_ids)
+
+
+def test_first_argmax_equals_numpy_argmax_ties_included():
+    rng = np.random.default_rng(3)
+    x = rng.integers(-3, 4, (64, 37)).astype(np.float32)  # few distinct values: many tied maxima
+    x[5, 10:] = -np.inf
+    x[6] = -np.inf  # all masked: numpy picks index 0 too
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+    x[7, 3] = np.nan  # a broken row still yields an id inside the vocabulary
+    assert int(first_argmax(jnp.asarray(x))[7]) == 0
 
 
 def test_top_k_and_top_p_keep_only_the_likeliest_tokens():
