@@ -1,5 +1,6 @@
 """The real train step compiles for TPU pods from this CPU machine (libtpu's compiler, no TPU), fits, and
-matches its golden shardings; the ZeRO switches change memory, not results.
+matches its golden shardings; the ZeRO switches change memory, not results. The 6B's generation programs
+compile for a v3-8.
 
 Golden files: regenerate with
 python scripts/aot_compile.py --config configs/6B_roto_256.json --topology v3:8x16 \
@@ -13,12 +14,15 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
-from mesh_transformer import aot, sharding
+from mesh_transformer import aot, sampling, sharding
 from mesh_transformer.config import ConfigError, from_dict, load_config
-from mesh_transformer.memory import GiB
+from mesh_transformer.memory import GiB, abstract_params
+from mesh_transformer.model import ModelShape, unstack_layers
 from mesh_transformer.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +48,46 @@ def test_6B_step_compiles_for_a_v3_256_and_fits(compiled):
     # the train state is donated: the new state is written over the old one, not beside it
     assert result.memory.aliased > 0.99 * result.memory.outputs
     assert "fits: " in aot.report(result)
+
+
+def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
+    """Generation's programs for the 6B (bfloat16 weights, batch 8, 1,088 slots) on a v3-8, the model split
+    over mp 8 as in training: one weight array per layer, the cache's heads split, all of it in 16 GiB."""
+    config = shipped_config("6B_roto_256")
+    mesh = sampling.sampling_mesh(config.mp, aot.tpu_devices("v3:2x2"))
+    shape = ModelShape.from_config(config)
+    stacked = sampling.inference_params_target(shape, abstract_params(config), mesh)
+    layers = jax.eval_shape(lambda p: unstack_layers(p, shape.layers), stacked)
+    specs = sharding.param_specs(layers, sharding.logical_rules())
+    params = jax.tree.map(
+        lambda p, spec: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, spec)),
+        layers,
+        specs,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
+    assert specs["gptj/layer_27/fc_in"]["w"] == PartitionSpec(None, "mp")
+    assert params["gptj/layer_27/fc_in"]["w"].dtype == jnp.bfloat16
+
+    B, P, N = 8, 64, 1024
+    row = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=sharding.row_sharding(mesh, len(shp)))  # noqa: E731
+    i32, f32 = jnp.int32, jnp.float32
+    settings = (row((B,), f32), row((B,), i32), row((B,), f32), row((B,), i32))
+    prefill_args = (params, row((B, P), i32), row((B,), i32), row((B, 2), jnp.uint32), row((B,), jnp.uint32))
+    prefill = sampling._prefill.lower(*prefill_args, settings, shape=shape, mesh=mesh, slots=P + N).compile()
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        prefill.out_info,
+        prefill.output_shardings,
+    )
+    assert state.cache.k_BHKS[0].shape == (B, 16, 256, P + N)
+    assert state.cache.k_BHKS[0].sharding.spec == PartitionSpec(None, "mp")
+
+    decode = sampling._decode.lower(
+        params, state, shape=shape, mesh=mesh, vocab_size=50257, eos_id=50256, steps=32
+    ).compile()
+    memory = decode.memory_analysis()
+    per_core = memory.argument_size_in_bytes + memory.temp_size_in_bytes
+    assert 1.5 * GiB < per_core < 16 * GiB  # weights alone are 12 GB over 8 cores
 
 
 def test_20B_fits_a_v3_256_only_with_params_split_over_dp(compiled):
