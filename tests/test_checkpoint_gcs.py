@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +14,7 @@ import numpy as np
 import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
+from helpers import gcs_emulator
 from test_checkpoint import assert_trees_equal, host_state, make_mesh, place, target_for
 
 from mesh_transformer.checkpoint import CheckpointError, CheckpointManager, load_params, slim_checkpoint
@@ -27,46 +23,11 @@ pytestmark = pytest.mark.slow
 BUCKET = "ckpt-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A gcp-storage-emulator on 127.0.0.1 holding an empty bucket; yields its http://host:port."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("gcs") / "emulator.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--in-memory", "--quiet"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"GCS emulator did not start; see {log.name}") from None
-                time.sleep(0.2)
-        old = os.environ.get("STORAGE_EMULATOR_HOST")
-        os.environ["STORAGE_EMULATOR_HOST"] = url
-        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket(BUCKET)
+    """A GCS emulator holding an empty bucket; yields its http://host:port."""
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), BUCKET) as url:
         yield url
-    finally:
-        if old is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = old
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()
 
 
 def _blob(name: str) -> storage.Blob:

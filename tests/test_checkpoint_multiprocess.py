@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 from test_checkpoint import assert_trees_equal, host_state, make_mesh, target_for
 
 from mesh_transformer.checkpoint import CheckpointManager
@@ -55,17 +55,11 @@ print(json.dumps({"pieces_written": int(mine)}))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_save_their_own_pieces_and_any_mesh_restores(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     model_dir = tmp_path / "run"
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     procs = [
         subprocess.Popen(

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import zstandard
+from helpers import gcs_emulator
 
 from mesh_transformer import data, prepare, storage
 from mesh_transformer.data import DataError, Loader, validation_batches
@@ -19,54 +15,10 @@ from mesh_transformer.data import DataError, Loader, validation_batches
 BUCKET = "corpus"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory):
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gcp_storage_emulator",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-            "--default-bucket",
-            BUCKET,
-            "-q",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                raise RuntimeError("gcp-storage-emulator did not start") from None
-            time.sleep(0.1)
-    old = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    storage.gcs_client.cache_clear()
-    yield
-    storage.gcs_client.cache_clear()
-    if old is None:
-        del os.environ["STORAGE_EMULATOR_HOST"]
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = old
-    server.terminate()
-    server.wait(timeout=10)
+    with gcs_emulator(tmp_path_factory.mktemp("gcs"), BUCKET) as url:
+        yield url
 
 
 def documents(n: int) -> list[str]:

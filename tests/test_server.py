@@ -6,7 +6,6 @@ device_sample.py end to end."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from helpers import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sampling import SEQ, SHAPE, tiny_params, tiny_tokenizer
@@ -28,12 +28,6 @@ MODEL = "tiny-gptj"
 # Prompts and max_tokens stay small (<= 16 tokens each) and batches run at sizes 1 or 16, so the whole file
 # compiles a few shapes (shared with test_sampling.py).
 BATCH_SIZES = (1, 16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:
