@@ -1,4 +1,5 @@
-"""Small pieces several test files share: a free loopback port, and a local GCS emulator."""
+"""Small pieces several test files share: a tiny model's config keys, a free loopback port, and a local GCS
+emulator."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+# The model most config-driven tests train: small enough for seconds per step on 8 fake CPU devices.
+TINY_MODEL = dict(layers=2, d_model=64, n_heads=4, n_vocab=384, seq=16, pe_rotary_dims=8)
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from helpers import TINY_MODEL
 
 from mesh_transformer import sharding
 from mesh_transformer.checkpoint import CheckpointManager, load_params, slim_checkpoint
@@ -16,12 +17,7 @@ from mesh_transformer.config import from_dict
 from mesh_transformer.train import Trainer
 
 TINY = dict(
-    layers=2,
-    d_model=64,
-    n_heads=4,
-    n_vocab=384,
-    seq=16,
-    pe_rotary_dims=8,
+    TINY_MODEL,
     tpu_size=8,
     cores_per_replica=4,
     per_replica_batch=1,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_MODEL
 
 from mesh_transformer import data
 from mesh_transformer.checkpoint import COMMIT_MARKER, CheckpointManager, slim_checkpoint
@@ -23,12 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 12
 CONFIG = dict(
-    layers=2,
-    d_model=64,
-    n_heads=4,
-    n_vocab=384,
-    seq=16,
-    pe_rotary_dims=8,
+    TINY_MODEL,
     tpu_size=8,
     cores_per_replica=2,
     per_replica_batch=1,

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 import ray
+from helpers import TINY_MODEL
 
 from mesh_transformer import cluster, data, sharding
 from mesh_transformer.checkpoint import CheckpointManager
@@ -31,12 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6
 
 TINY = dict(
-    layers=2,
-    d_model=64,
-    n_heads=4,
-    n_vocab=384,
-    seq=16,
-    pe_rotary_dims=8,
+    TINY_MODEL,
     tpu_size=8,
     cores_per_replica=2,  # dp=4 x mp=2: dp splits over the hosts, each host holds whole mp groups
     per_replica_batch=1,

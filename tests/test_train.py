@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from helpers import TINY_MODEL
 
 from mesh_transformer import sharding
 from mesh_transformer.config import from_dict
@@ -10,12 +11,8 @@ from mesh_transformer.optimizer import decay_mask, gpt3_schedule
 from mesh_transformer.train import Trainer
 
 TINY = dict(
-    layers=2,
-    d_model=64,
-    n_heads=4,
+    TINY_MODEL,
     n_vocab=128,
-    seq=16,
-    pe_rotary_dims=8,
     per_replica_batch=1,
     warmup_steps=2,
     anneal_steps=10,
