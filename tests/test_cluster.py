@@ -270,7 +270,13 @@ def test_ctrl_c_stops_every_actor_and_ray_listened_on_loopback_only(tmp_path, da
         assert len(workers) == 2, started
         assert listening_addresses(started | {driver.pid}) == {"127.0.0.1"}
         driver.send_signal(signal.SIGINT)
-        _, stderr = driver.communicate(timeout=120)
+        try:
+            _, stderr = driver.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            driver.kill()
+            pytest.fail(
+                f"the driver outlived SIGINT by 120 s; its stderr:\n{driver.communicate()[1][-3000:]}"
+            )
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -279,4 +285,42 @@ def test_ctrl_c_stops_every_actor_and_ray_listened_on_loopback_only(tmp_path, da
     deadline = time.monotonic() + 60
     while any(alive(p) for p in started) and time.monotonic() < deadline:
         time.sleep(1)
-    assert not [p for p in started if alive(p)]
+    survivors = {
+        p: Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")[:200] for p in started if alive(p)
+    }
+    assert not survivors, survivors
+
+
+HANGING_TEARDOWN = """
+import subprocess, sys, time
+from mesh_transformer import cluster
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+print(child.pid, flush=True)
+with cluster._bounded_interrupt(1.0):
+    try:
+        time.sleep(120)  # training; the test sends SIGINT
+    except KeyboardInterrupt:
+        time.sleep(120)  # a teardown that never returns
+"""
+
+
+def test_a_teardown_hanging_after_ctrl_c_is_cut_short_and_what_it_started_dies():
+    driver = subprocess.Popen(
+        [sys.executable, "-c", HANGING_TEARDOWN],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child = int(driver.stdout.readline())
+    time.sleep(0.5)  # inside the context
+    started = time.monotonic()
+    driver.send_signal(signal.SIGINT)
+    _, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted"
+    assert time.monotonic() - started < 30
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(child)
