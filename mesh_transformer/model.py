@@ -152,20 +152,25 @@ class Block(hk.Module):
 
         # Attention. The linear creation order q, v, k matches the original checkpoints.
         B, T, _ = h_BTD.shape
+        cd = jnp.dtype(s.compute_dtype)
         split = lambda y: constrain(y.reshape(B, T, s.n_heads, s.head_dim), ("batch", "seq", "heads", None))
-        q_BTHK = split(
-            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="q_proj")(h_BTD)
-        )
-        v_BTHK = split(
-            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="v_proj")(h_BTD)
-        )
-        k_BTHK = split(
-            Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name="k_proj")(h_BTD)
-        )
+        if cache is None:
+            q_BTHK, v_BTHK, k_BTHK = (
+                split(Dense(s.d_model, stddev=fan_in, bias=False, dtype=s.compute_dtype, name=name)(h_BTD))
+                for name in ("q_proj", "v_proj", "k_proj")
+            )
+        else:  # generation: one matmul over q, k and v's weights, stacked by `unstack_layers`
+            with hk.name_scope("qkv_proj"):
+                w_D3D = hk.get_parameter(
+                    "w", (s.d_model, 3, s.d_model), jnp.float32, init=hk.initializers.TruncatedNormal(fan_in)
+                )
+            qkv_BT3D = jnp.einsum(
+                "btd,dce->btce", h_BTD.astype(cd), w_D3D.astype(cd), preferred_element_type=jnp.float32
+            )
+            q_BTHK, k_BTHK, v_BTHK = (split(qkv_BT3D[:, :, i]) for i in range(3))
         q_BTHK = apply_rotary(q_BTHK, sin_TR, cos_TR)
         k_BTHK = apply_rotary(k_BTHK, sin_TR, cos_TR)
 
-        cd = jnp.dtype(s.compute_dtype)
         if cache is None:
             keys, values, k_spec, v_spec = k_BTHK, v_BTHK, "bshk", "bshk"
             mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # causal, (T, S) with S = T
@@ -276,7 +281,8 @@ STACKED_LAYER = "gptj/layers/block/"
 
 def unstack_layers(params: dict, layers: int) -> dict:
     """The params as generation (a `KVCache` given) reads them: every stacked per-layer array
-    ("gptj/layers/block/fc_in") split into one array per layer ("gptj/layer_0/fc_in", ...)."""
+    ("gptj/layers/block/fc_in") split into one array per layer ("gptj/layer_0/fc_in", ...), and each layer's
+    q, k and v weights stacked into one (D, 3, D) "qkv_proj", read with one matmul."""
     out = {}
     for module, leaves in params.items():
         if module.startswith(STACKED_LAYER):
@@ -284,6 +290,9 @@ def unstack_layers(params: dict, layers: int) -> dict:
                 out[f"gptj/layer_{i}/{module[len(STACKED_LAYER) :]}"] = {n: v[i] for n, v in leaves.items()}
         else:
             out[module] = leaves
+    for i in range(layers):
+        q, k, v = (out.pop(f"gptj/layer_{i}/{m}")["w"] for m in ("q_proj", "k_proj", "v_proj"))
+        out[f"gptj/layer_{i}/qkv_proj"] = {"w": jnp.stack([q, k, v], axis=1)}
     return out
 
 

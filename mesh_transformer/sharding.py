@@ -39,6 +39,8 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"gptj/layers/block/ln_1/(scale|offset)$", ("layers", "embed")),
     (r"gptj/layers/block/(q_proj|k_proj|v_proj)/w$", ("layers", "embed", "heads")),
     (r"gptj/layers/block/out_proj/w$", ("layers", "heads", "embed")),
+    # generation's q, k and v weights stacked into one array (`model.unstack_layers`)
+    (r"gptj/layers/block/qkv_proj/w$", ("layers", "embed", None, "heads")),
     (r"gptj/layers/block/fc_in/w$", ("layers", "embed", "mlp")),
     (r"gptj/layers/block/fc_in/b$", ("layers", "mlp")),
     (r"gptj/layers/block/fc_out/w$", ("layers", "mlp", "embed")),

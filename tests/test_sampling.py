@@ -236,7 +236,7 @@ def test_sharded_generation_equals_single_device(params, tokenizer, generator):
         Row([1] * 16, SamplingParams(max_tokens=10, temperature=0)),
     ] + [Row([i + 1], SamplingParams(max_tokens=16, temperature=0.5, seed=i)) for i in range(3)]
     assert [c.token_ids for c in sharded.generate(rows)] == [c.token_ids for c in generator.generate(rows)]
-    assert sharded.params["gptj/layer_0/q_proj"]["w"].sharding.spec == PartitionSpec(None, "mp")
+    assert sharded.params["gptj/layer_0/qkv_proj"]["w"].sharding.spec == PartitionSpec(None, None, "mp")
     assert sampling_mesh(2).shape == {"dp": 1, "mp": 2}
 
 
