@@ -37,7 +37,7 @@ SHAPES = {
     "wide": ModelShape(4, 512, 8, 8192, 32, "float32", "none"),
 }
 SHAPE = SHAPES["wide"]  # the server measurement's model
-LAYER_MATRICES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")
+LAYER_MATRICES = ("qkv_proj", "out_proj", "fc_in", "fc_out")  # as generation keeps them
 SEQ, PROMPT, NEW, CLIENTS = 256, 32, 128, 16
 PAUSE = 0.5  # seconds between timed calls
 
@@ -84,8 +84,8 @@ def weights_only(generator: Generator, batch: int):
 
     def step(_, x_BD):
         for i in range(0, len(layers), len(LAYER_MATRICES)):
-            q, k, v, out, fc_in, fc_out = layers[i : i + len(LAYER_MATRICES)]
-            attn_BD = (jnp.tanh(x_BD @ q) + jnp.tanh(x_BD @ k) + jnp.tanh(x_BD @ v)) @ out
+            qkv, out, fc_in, fc_out = layers[i : i + len(LAYER_MATRICES)]
+            attn_BD = jnp.tanh(jnp.einsum("bd,dce->be", x_BD, qkv)) @ out
             x_BD = x_BD + 1e-3 * (attn_BD + jnp.tanh(x_BD @ fc_in) @ fc_out)
         return x_BD + 1e-3 * (x_BD @ head)[:, : x_BD.shape[1]]
 
