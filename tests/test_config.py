@@ -34,8 +34,12 @@ def test_original_6b_config_loads_unchanged():
 
 
 def test_every_shipped_config_loads():
-    for path in sorted((ROOT / "configs").glob("*.json")):
-        load_config(str(path))
+    shipped = sorted((ROOT / "configs").glob("*.json"))
+    # the configs the README's Layout names; an empty or misplaced configs/ must not pass
+    assert {"6B_roto_256.json", "20B_v3_256.json", "demo.json"} <= {p.name for p in shipped}, shipped
+    for path in shipped:
+        c = load_config(str(path))
+        assert c.layers > 0 and c.d_model > 0 and c.tpu_size % c.mp == 0, path
 
 
 @pytest.mark.parametrize(

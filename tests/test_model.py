@@ -92,7 +92,9 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert 0 < float(jnp.abs(out32 - out16).max()) < 5e-2
 
 
-def test_remat_changes_memory_not_values():
+def test_remat_keeps_gradient_values():
+    """Values only; that remat recomputes (and saves memory) is checked in the compiled train step in
+    test_train.py."""
     shape = ModelShape(3, 64, 4, 96, 8, "float32", "none")
     tokens_BT = jnp.asarray(np.random.default_rng(3).integers(0, 96, (2, 16)))
     plain, remat = build(shape), build(shape._replace(remat="layer"))
@@ -107,7 +109,22 @@ def test_remat_changes_memory_not_values():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_6b_parameter_count_matches_gptj_6b():
+def test_6b_parameter_count_matches_transformers_gptj_6b():
+    """The count of `transformers`' GPT-J-6B, built on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        hf = GPTJForCausalLM(
+            GPTJConfig(
+                vocab_size=50400,
+                n_positions=2048,
+                n_embd=4096,
+                n_layer=28,
+                n_head=16,
+                rotary_dim=64,
+                tie_word_embeddings=False,
+            )
+        )
+    expected = sum(p.numel() for p in hf.parameters())
     shape = ModelShape(28, 4096, 16, 50400, 64, "bfloat16", "layer")
     params = jax.eval_shape(build(shape).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
-    assert param_count(params) == 6_050_882_784
+    assert param_count(params) == expected
+    assert expected == 6_050_882_784  # the figure REFERENCE.md and the README quote
