@@ -4,14 +4,17 @@ training run, and the plot script on that run's metrics.jsonl."""
 import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb.proto import wandb_internal_pb2
 
 from mesh_transformer.config import from_dict
 from mesh_transformer.errors import UserError
-from mesh_transformer.metrics import MetricsLog, read_metrics
+from mesh_transformer.metrics import MetricsLog, plot_metrics, read_metrics
 from mesh_transformer.prepare import prepare_dataset
 from mesh_transformer.run import RunOptions, train
 
@@ -34,6 +37,43 @@ TINY = {
     "total_steps": 4,
     "ckpt_every": 1000,
 }
+
+
+def wandb_records(path: str):
+    """The protobuf records of a `.wandb` run file: a 7-byte header (":W&B", magic, version), then LevelDB
+    log chunks (crc32c, length, type) in 32 KiB blocks; types 1 (whole), 2-4 (first, middle, last part)."""
+    block = 32768
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", data[:7]
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero padding up to the block's end
+            pos += block - pos % block
+            continue
+        parts += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def wandb_history(path: str) -> set[tuple[str, int, float]]:
+    """(key, step, value) of every logged figure, without wandb's own "_step", "_runtime", ..."""
+    out = set()
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                key = "/".join(item.nested_key) or item.key
+                if not key.startswith("_"):
+                    out.add((key, record.history.step.num, json.loads(item.value_json)))
+    return out
 
 
 def test_records_and_events_go_to_metrics_jsonl_and_survive_a_reopen(tmp_path):
@@ -68,9 +108,19 @@ def test_wandb_offline_writes_a_run_directory_that_a_resume_continues(tmp_path, 
     runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
     # one directory per start, both of the same run id (wandb adds "-1" when two start within a second)
     assert len(runs) == 2 and all(f"-{run_id}" in os.path.basename(r) for r in runs)
+    logged = []
     for run in runs:
         (data,) = glob.glob(os.path.join(run, f"run-{run_id}.wandb"))
-        assert os.path.getsize(data) > 0
+        logged.append(wandb_history(data))
+    assert logged == [
+        {
+            ("loss", step, 3.0 / step),
+            ("val/default/loss", step, 3.5 / step),
+            ("event/checkpoint/seconds", step, 0.5),
+        }
+        | {("event/checkpoint/step", step, step)}
+        for step in (1, 2)
+    ]
 
 
 def test_wandb_without_a_login_falls_back_to_offline_with_one_printed_line(tmp_path):
@@ -96,10 +146,27 @@ def test_tensorboard_event_files_hold_the_logged_scalars(tmp_path):
     log = MetricsLog(str(tmp_path), config=from_dict(dict(TINY, tensorboard=True)))
     log.write({"step": 1, "loss": 2.5, "val/owt/loss": 2.75})
     log.event("checkpoint", step=1, path="step_1")
+    log.write({"step": 2, "loss": 2.25, "lr": 0.125})
     log.close()
     (events_file,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    content = open(events_file, "rb").read()
-    assert b"val/owt/loss" in content and b"loss" in content and b"event/checkpoint" in content
+    # read back by TensorBoard's own reader
+    events = EventAccumulator(events_file, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = {(tag, e.step, e.value) for tag in events.Tags()["scalars"] for e in events.Scalars(tag)}
+    assert scalars == {
+        ("loss", 1, 2.5),
+        ("val/owt/loss", 1, 2.75),
+        ("loss", 2, 2.25),
+        ("lr", 2, 0.125),  # values exact in float32, as TensorBoard stores them
+    }
+    (text,) = events.Tensors("event/checkpoint/text_summary")
+    assert text.step == 1
+    assert json.loads(text.tensor_proto.string_val[0]) == {
+        "event": "checkpoint",
+        "time": pytest.approx(read_metrics(str(tmp_path))[1][0]["time"]),
+        "step": 1,
+        "path": "step_1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +201,8 @@ def test_a_training_run_logs_validation_loss_of_every_named_set_every_val_every_
             assert (f"val/{name}/ppl" in record) == has_val
         assert record["tokens_seen"] == record["step"] * 4 * 32
     assert records[1]["val/pile/loss"] != records[1]["val/owt/loss"]  # different batches, different loss
-    assert 0 < records[3]["val/pile/loss"] < records[1]["val/pile/loss"] + 1.0
+    for name in ("pile", "owt"):  # training lowers the loss of held-out text of the same distribution
+        assert 0 < records[3][f"val/{name}/loss"] < records[1][f"val/{name}/loss"], name
 
 
 def run_plot(*args: str) -> subprocess.CompletedProcess:
@@ -149,6 +217,29 @@ def test_plot_script_renders_a_png_from_a_real_metrics_jsonl(trained_run, tmp_pa
     with open(output, "rb") as f:
         png = f.read()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+def test_plot_draws_every_logged_series(trained_run, tmp_path, monkeypatch):
+    """The figure's curves hold the log's figures: training and validation loss, learning rate, gradient
+    norm (a PNG of the right size could be empty axes)."""
+    import matplotlib.figure
+
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: (figures.append(fig), savefig(fig, *a, **k))
+    )
+    plot_metrics(trained_run, str(tmp_path / "plot.png"))
+    (figure,) = figures
+    curves = [
+        (list(line.get_xdata()), list(line.get_ydata())) for ax in figure.axes for line in ax.get_lines()
+    ]
+    records, _ = read_metrics(trained_run)
+    steps = [r["step"] for r in records]
+    for key in ("loss", "lr", "grad_norm"):
+        assert (steps, [r[key] for r in records]) in curves, key
+    for name in ("pile", "owt"):
+        assert ([2, 4], [records[i][f"val/{name}/loss"] for i in (1, 3)]) in curves, name
 
 
 def test_plot_script_reports_a_missing_log_in_one_line(tmp_path):
