@@ -5,6 +5,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -220,7 +221,9 @@ def test_generate_until_stops_before_the_first_stop_string(adapter):
     assert again == full  # greedy, and independent of its batch mates
 
 
-def write_tasks(task_dir, n_docs: int = 6) -> None:
+def write_tasks(task_dir, n_docs: int = 6, answers: list[str] | None = None) -> list[dict]:
+    """Three task YAMLs over the same docs; tiny_generate's targets are `answers` (default: each doc's first
+    choice), kept in a file of their own. Returns the docs."""
     task_dir.mkdir(exist_ok=True)
     rng = np.random.default_rng(3)
     docs = [
@@ -228,16 +231,26 @@ def write_tasks(task_dir, n_docs: int = 6) -> None:
         for i in range(n_docs)
     ]
     (task_dir / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    dataset = f"""dataset_path: json
+    answers = answers if answers is not None else [d["choices"][0] for d in docs]
+    (task_dir / "generate.jsonl").write_text(
+        "".join(
+            json.dumps({"question": d["question"], "answer": a}) + "\n"
+            for d, a in zip(docs, answers, strict=True)
+        )
+    )
+
+    def dataset(name: str) -> str:
+        return f"""dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {task_dir / "docs.jsonl"}
+    test: {task_dir / name}
   cache_dir: {task_dir / "cache"}
 test_split: test
 """
+
     (task_dir / "tiny_choice.yaml").write_text(
         "task: tiny_choice\n"
-        + dataset
+        + dataset("docs.jsonl")
         + """output_type: multiple_choice
 doc_to_text: "{{question}}:"
 doc_to_choice: "{{choices}}"
@@ -250,10 +263,10 @@ metric_list:
     )
     (task_dir / "tiny_generate.yaml").write_text(
         "task: tiny_generate\n"
-        + dataset
+        + dataset("generate.jsonl")
         + """output_type: generate_until
 doc_to_text: "{{question}}"
-doc_to_target: "{{choices[0]}}"
+doc_to_target: "{{answer}}"
 generation_kwargs:
   until: ["\\n", "."]
   max_gen_toks: 8
@@ -265,7 +278,7 @@ metric_list:
     )
     (task_dir / "tiny_perplexity.yaml").write_text(
         "task: tiny_perplexity\n"
-        + dataset
+        + dataset("docs.jsonl")
         + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{question}}"
@@ -274,35 +287,50 @@ metric_list:
   - metric: bits_per_byte
 """
     )
+    return docs
 
 
-def test_custom_tasks_run_end_to_end_through_simple_evaluate(tiny, adapter, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    task_dir = tiny[5] / "tasks"
-    write_tasks(task_dir)
-    tasks = ["tiny_choice", "tiny_generate", "tiny_perplexity"]
-    results = evaluation.run_harness(adapter, tasks, include_path=str(task_dir), bootstrap_iters=0)
-    metrics = evaluation.harness_metrics(results)
-
-    # accuracy is what our own loglikelihoods say: the choice with the highest log-probability
-    docs = [json.loads(line) for line in (task_dir / "docs.jsonl").read_text().splitlines()]
+def choice_accuracy(adapter, docs: list[dict]) -> float:
+    """Accuracy as the adapter's own log-likelihoods say: the choice with the highest log-probability."""
     correct = 0
     for doc in docs:
         scores = adapter.loglikelihood(
             [request("loglikelihood", f"{doc['question']}:", f" {c}") for c in doc["choices"]]
         )
         correct += int(np.argmax([s for s, _ in scores]) == doc["label"])
-    assert metrics["harness/tiny_choice/acc"] == pytest.approx(correct / len(docs))
-    assert 0.0 <= metrics["harness/tiny_generate/exact_match"] <= 1.0
-    assert metrics["harness/tiny_perplexity/word_perplexity"] > 1.0
-    assert metrics["harness/tiny_perplexity/bits_per_byte"] > 0.0
+    return correct / len(docs)
+
+
+def test_custom_tasks_run_end_to_end_through_simple_evaluate(tiny, adapter, monkeypatch):
+    """Every metric equals what the adapter's own answers give: accuracy from its log-likelihoods, exact
+    match from its greedy generations (half the targets are those generations), word perplexity and bits
+    per byte from its rolling log-likelihoods and the words and UTF-8 bytes of each text."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    task_dir = tiny[5] / "tasks"
+    docs = write_tasks(task_dir)
+    until = {"until": ["\n", "."], "max_gen_toks": 8}
+    generated = adapter.generate_until([request("generate_until", d["question"], until) for d in docs])
+    answers = [g if i % 2 == 0 else g + " not" for i, g in enumerate(generated)]
+    write_tasks(task_dir, answers=answers)
+    tasks = ["tiny_choice", "tiny_generate", "tiny_perplexity"]
+    results = evaluation.run_harness(adapter, tasks, include_path=str(task_dir), bootstrap_iters=0)
+    metrics = evaluation.harness_metrics(results)
+
+    assert metrics["harness/tiny_choice/acc"] == pytest.approx(choice_accuracy(adapter, docs))
+    assert metrics["harness/tiny_generate/exact_match"] == pytest.approx(0.5)
+    texts = [d["question"] for d in docs]
+    logprob = sum(adapter.loglikelihood_rolling([request("loglikelihood_rolling", t) for t in texts]))
+    words = sum(len(re.split(r"\s+", t)) for t in texts)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert metrics["harness/tiny_perplexity/word_perplexity"] == pytest.approx(math.exp(-logprob / words))
+    assert metrics["harness/tiny_perplexity/bits_per_byte"] == pytest.approx(-logprob / n_bytes / math.log(2))
     assert not any("stderr" in k for k in metrics)
 
 
-def test_evaluator_of_a_training_run_logs_validation_and_harness_metrics(tiny, monkeypatch):
+def test_evaluator_of_a_training_run_logs_validation_and_harness_metrics(tiny, adapter, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     config, trainer, params, dataset, _, tmp = tiny
-    write_tasks(tmp / "tasks")
+    docs = write_tasks(tmp / "tasks")
     task_yaml = str(tmp / "tasks" / "tiny_choice.yaml")  # a path: no --include-path during training
     evaluator = evaluation.Evaluator(
         Trainer(config.replace(eval_harness_tasks=[task_yaml], val_every=5), trainer.mesh), dataset
@@ -310,6 +338,15 @@ def test_evaluator_of_a_training_run_logs_validation_and_harness_metrics(tiny, m
     assert [s for s in range(1, 13) if evaluator.due(s, end_step=12)] == [5, 10, 12]
     metrics = evaluator.run(params)
     assert set(metrics) == {"val/default/loss", "val/default/ppl", "harness/tiny_choice/acc"}
+    # the validator itself is checked against direct forward passes above
+    validator = evaluation.Validator(
+        trainer, {"default": dataset}, config.val_batches, training_dataset=dataset
+    )
+    assert metrics["val/default/loss"] == pytest.approx(
+        validator.losses(params)["val/default/loss"], rel=1e-6
+    )
+    assert metrics["val/default/ppl"] == pytest.approx(math.exp(metrics["val/default/loss"]), rel=1e-6)
+    assert metrics["harness/tiny_choice/acc"] == pytest.approx(choice_accuracy(adapter, docs))
     with pytest.raises(UserError, match="unknown evaluation harness task.*: lambada_typo"):
         evaluation.Evaluator(
             Trainer(config.replace(eval_harness_tasks=["lambada_typo"]), trainer.mesh), dataset
@@ -327,14 +364,14 @@ def run_script(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_eval_harness_script_scores_a_checkpoint_and_reports_bad_input_in_one_line(tiny):
+def test_eval_harness_script_scores_a_checkpoint_and_reports_bad_input_in_one_line(tiny, adapter):
     config, _, params, dataset, _, tmp = tiny
     config_path = tmp / "tiny.json"
     config_path.write_text(json.dumps(TINY))
     ckpt = str(tmp / "slim")
     save_params(ckpt, params)
     task_dir = tmp / "tasks"
-    write_tasks(task_dir)
+    docs = write_tasks(task_dir)
     common = ["--config", str(config_path), "--tokenizer", dataset, "--include-path", str(task_dir)]
 
     output = str(tmp / "results.json")
@@ -346,6 +383,10 @@ def test_eval_harness_script_scores_a_checkpoint_and_reports_bad_input_in_one_li
     with open(output) as f:
         saved = json.load(f)
     assert saved["results"]["tiny_choice"]["sample_len"] == 4
+    acc = saved["results"]["tiny_choice"]["acc,none"]
+    assert acc == pytest.approx(choice_accuracy(adapter, docs[:4]))  # the checkpoint holds these params
+    (row,) = [r.split("|") for r in ok.stdout.replace(" ", "").splitlines() if r.startswith("|tiny_choice|")]
+    assert float(row[row.index("acc") + 2]) == pytest.approx(acc, abs=1e-4)  # the printed table's figure
 
     # in this process, whose task index is built already: the script prints the same UserError as one line
     with pytest.raises(UserError) as bad_task:
