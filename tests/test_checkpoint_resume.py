@@ -193,37 +193,41 @@ def test_tune_model_path_that_does_not_exist_is_one_line(setup, tmp_path: Path) 
 
 
 def test_tune_model_path_takes_a_hugging_face_folder(setup, tmp_path: Path) -> None:
-    """A GPT-J saved by `transformers` starts a fine-tune; the first step's lr is 0 (warmup), so the saved
-    step-1 params are exactly the Hugging Face weights."""
+    """A GPT-J saved by `transformers` starts a fine-tune: the saved step-1 model computes transformers'
+    logits, and since the first step's lr is 0 (warmup) its params are exactly the imported weights."""
+    import jax
     import torch
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from test_model import random_hf_model
 
     from mesh_transformer.checkpoint import load_params
-    from mesh_transformer.hf import params_from_hf
+    from mesh_transformer.config import from_dict
+    from mesh_transformer.hf import load_pretrained_params
+    from mesh_transformer.memory import abstract_params
+    from mesh_transformer.model import ModelShape, build
 
     config, dataset = setup
-    torch.manual_seed(0)
-    hf = GPTJForCausalLM(
-        GPTJConfig(
-            vocab_size=CONFIG["n_vocab"],
-            n_positions=CONFIG["seq"],
-            n_embd=CONFIG["d_model"],
-            n_layer=CONFIG["layers"],
-            n_head=CONFIG["n_heads"],
-            rotary_dim=CONFIG["pe_rotary_dims"],
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+    hf = random_hf_model(
+        n_embd=CONFIG["d_model"],
+        n_head=CONFIG["n_heads"],
+        n_layer=CONFIG["layers"],
+        rotary_dim=CONFIG["pe_rotary_dims"],
+        vocab=CONFIG["n_vocab"],
     )
+    hf.config.bos_token_id = hf.config.eos_token_id = 0
     hf.save_pretrained(tmp_path / "hf")
     run(
         command(
             config, dataset, tmp_path / "tuned", "--steps", "1", "--tune-model-path", str(tmp_path / "hf")
         )
     )
-    expected = params_from_hf({k: v.numpy() for k, v in hf.state_dict().items()}, CONFIG["layers"])
-    tuned = load_params(str(tmp_path / "tuned" / "step_1"), expected)
-    for module, leaves in expected.items():
+    ours = from_dict(CONFIG)
+    tuned = jax.device_get(load_params(str(tmp_path / "tuned" / "step_1"), abstract_params(ours)))
+    tokens_BT = np.random.default_rng(0).integers(0, CONFIG["n_vocab"], (2, CONFIG["seq"]))
+    logits = build(ModelShape.from_config(ours)).apply(tuned, None, tokens_BT)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(tokens_BT)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)
+    imported = load_pretrained_params(str(tmp_path / "hf"), ours)
+    for module, leaves in imported.items():
         for name, value in leaves.items():
             np.testing.assert_array_equal(np.asarray(tuned[module][name]), value, err_msg=f"{module}/{name}")
