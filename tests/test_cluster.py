@@ -4,6 +4,7 @@ checkpoint to the very same parameters; bad cluster arguments give one clear lin
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 import ray
 from helpers import TINY_MODEL
 
-from mesh_transformer import cluster, data, sharding
+from mesh_transformer import cluster, data, run, sharding
 from mesh_transformer.checkpoint import CheckpointManager
 from mesh_transformer.config import from_dict
 from mesh_transformer.data import DataError
@@ -108,23 +109,34 @@ def test_two_hosts_of_four_devices_train_like_one_process_of_eight(tmp_path, dat
     assert single[-1] < single[0]
 
 
-def test_host_0_samples_from_the_final_checkpoint(two_host_metrics):
-    _, metrics = two_host_metrics
-    assert metrics["step"] == STEPS
-    assert metrics["sample"].startswith("def") and len(metrics["sample"]) > len("def")
+@functools.cache
+def local_trainer() -> Trainer:
+    """The config's trainer on this process's 8 devices (the mesh the two hosts form together)."""
+    return Trainer(CONFIG, sharding.mesh_for(CONFIG))
 
 
-def final_params(model_dir: Path) -> list[np.ndarray]:
+def final_params(model_dir: Path):
     """The params of the run's last checkpoint, gathered into this process."""
     manager = CheckpointManager(str(model_dir))
     assert manager.latest_step() == STEPS
-    trainer = Trainer(CONFIG, sharding.mesh_for(CONFIG))
-    state, _ = manager.restore(trainer.abstract_state)
-    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
+    state, _ = manager.restore(local_trainer().abstract_state)
+    return jax.device_get(state.params)
+
+
+def test_host_0_samples_from_the_final_checkpoint(two_host_metrics, dataset):
+    """The driver's sample is the one `sample_text` draws from the final checkpoint's params here, and not
+    the one the initial params give."""
+    model_dir, metrics = two_host_metrics
+    assert metrics["step"] == STEPS
+    expected = run.sample_text(CONFIG, final_params(model_dir), dataset, "def", 8)
+    assert metrics["sample"] == expected
+    initial = local_trainer().init_state(CONFIG.seed).params
+    assert run.sample_text(CONFIG, jax.device_get(initial), dataset, "def", 8) != expected
 
 
 def assert_same_params(a: Path, b: Path) -> None:
-    for x, y in zip(final_params(a), final_params(b), strict=True):
+    leaves = [jax.tree_util.tree_leaves(final_params(d)) for d in (a, b)]
+    for x, y in zip(*leaves, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
