@@ -386,15 +386,15 @@ class _Reading:
 
     def chunks(self, skips: SkipCounter) -> Iterator[list[str]]:
         chunk: list[str] = []
-        size = 0
+        chars = 0
         for path, size in self.files:
             source = self.current = _Source(path)
             for text in source.documents(skips):
                 chunk.append(text)
-                size += len(text)
-                if size >= CHUNK_CHARS:
+                chars += len(text)
+                if chars >= CHUNK_CHARS:
                     yield chunk
-                    chunk, size = [], 0
+                    chunk, chars = [], 0
             self.finished_bytes += size
             self.current = None
         if chunk:

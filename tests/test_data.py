@@ -327,3 +327,23 @@ def test_demo_corpus_prepares_and_is_cached(tmp_path):
     )
     assert next(Loader(path, seq=128, global_batch=16)).max() < index["vocab_size"]
     assert len(validation_batches(path, seq=128, global_batch=16, n_batches=4)) == 4
+
+
+def test_progress_bar_runs_forward_and_ends_at_the_input_bytes(tmp_path, tokenizer_path, monkeypatch):
+    import tqdm
+
+    files = [write_jsonl(tmp_path / f"part{i}.jsonl", make_documents(150, seed=i)) for i in range(3)]
+    total = sum(os.path.getsize(f) for f in files)
+    shown: list[float] = []
+
+    class RecordingBar(tqdm.tqdm):
+        def update(self, n=1):
+            assert n >= 0, f"the bar went back by {-n} bytes"
+            super().update(n)
+            shown.append(self.n)
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 2000)  # many chunks per file
+    data.prepare_dataset(files, str(tmp_path / "out"), tokenizer_path=tokenizer_path, progress=True)
+    assert len(shown) > 10 and shown == sorted(shown)
+    assert shown[-1] == total
