@@ -20,13 +20,11 @@ from mesh_transformer.prepare import (
     FORMAT,
     INDEX_NAME,
     TOKENIZER_NAME,
-    DataError,
-    default_corpus_files,
-    expand_inputs,
     prepare_dataset,
     read_tokenizer_file,
     source_key,
 )
+from mesh_transformer.sources import DataError, default_corpus_files, expand_inputs
 from mesh_transformer.storage import gcs_blob, is_gcs, join, open_file, path_exists
 
 __all__ = [
