@@ -41,7 +41,7 @@ CHUNK_CHARS = 1 << 20
 # Input bytes per part: the unit of work a Ray task prepares (a file is never split). Small enough for a
 # corpus of a few large files to spread over a pod's hosts, large enough that parts' partial last shards and
 # per-task overheads stay negligible.
-PART_BYTES = 1 << 30
+PART_BYTES = 1_000_000_000
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -724,6 +724,7 @@ def prepare_dataset(
             seed=seed,
             val_fraction=val_fraction,
             text_column=text_column,
+            part_bytes=part_bytes,
             inputs=list(inputs),
             files=len(files),
             source_key=source_key(files, tokenizer_id, val_fraction, seed, text_column),

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mesh_transformer.errors import UserError  # noqa: E402
-from mesh_transformer.prepare import prepare_dataset  # noqa: E402
+from mesh_transformer.prepare import PART_BYTES, prepare_dataset  # noqa: E402
 from mesh_transformer.prepare_cluster import PreparationFailed  # noqa: E402
 
 
@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="auto|HOST:PORT|local",
         help="prepare the input's parts as tasks of this Ray cluster (local: a private one on this machine)",
     )
+    parser.add_argument(
+        "--part-mb",
+        type=float,
+        default=PART_BYTES / 1e6,
+        help="input megabytes per part, the unit a Ray task prepares (whole files; the dataset does not "
+        "depend on how many workers prepare it, but does on this)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     parser.add_argument(
         "--max-vocab", type=int, help="refuse a tokenizer larger than this (the model's n_vocab)"
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=True,
             text_column=args.text_column,
             ray_address=args.ray_address,
+            part_bytes=max(1, round(args.part_mb * 1e6)),
         )
     except (UserError, PreparationFailed) as e:
         print(f"error: {e}", file=sys.stderr)
