@@ -17,6 +17,7 @@ import tempfile
 from typing import Any
 
 from mesh_transformer import prepare
+from mesh_transformer.errors import UserError
 from mesh_transformer.sources import DataError
 
 # Test hook: "die:PART" kills (SIGKILL) the worker process preparing part PART, the first time only.
@@ -38,14 +39,16 @@ def prepare_parts(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Prepare every part as a Ray task; returns their results (in completion order)."""
-    import ray
     from tqdm import tqdm
 
     from mesh_transformer.cluster import connect
 
     fault = _fault_part(os.environ.get(FAULT_ENV))
-    # "local": a private instance on this machine (127.0.0.1 only) with at least `workers` CPUs
+    # "local": a private instance on this machine (127.0.0.1 only) with at least `workers` CPUs. Ray is
+    # imported only after `connect`, which must set up the environment before Ray's first import.
     connect(None if ray_address == "local" else ray_address, workers)
+    import ray
+
     if not staging.remote:
         open(os.path.join(staging.root, _MARKER), "w").close()
     task = ray.remote(_prepare_task).options(
@@ -81,7 +84,7 @@ def _result(ray: Any, ref: Any, part: prepare.Part) -> dict[str, Any]:
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, DataError):
+        if isinstance(e.cause, UserError):  # the input (or its storage path) is wrong: say so, as here
             raise e.cause from None
         raise PreparationFailed(
             f"part {part.number} ({_files(part)}) failed: {_first_line(e.cause or e)}"
