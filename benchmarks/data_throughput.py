@@ -1,25 +1,32 @@
-"""Data pipeline throughput: preparation MB/s against plain `tokenizers` encode_batch, and loader tokens/s.
+"""Data pipeline throughput: preparation MB/s (in this process, with worker processes, and as Ray tasks)
+against plain `tokenizers` encode_batch, and loader tokens/s for one dataset and a mixture.
 
-Both preparation and its peer tokenize the same text (Python standard library sources as JSON lines) with
-the same byte-level BPE in one process, whose tokenizer threads use every core. Prints figures and ratios.
+Every path tokenizes the same text (Python standard library sources as JSON lines, in 8 files and 8 parts)
+with the same byte-level BPE. Runs are interleaved, repeated, and reported as the median with the spread
+(min - max) and the median's ratio to the peer's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
 import shutil
+import statistics
 import sys
 import sysconfig
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local Ray listens on 127.0.0.1 only
 
 from mesh_transformer import prepare  # noqa: E402
-from mesh_transformer.data import Loader  # noqa: E402
+from mesh_transformer.data import Loader, MixtureLoader  # noqa: E402
+
+FILES = 8
 
 
 def corpus(max_bytes: int) -> list[str]:
@@ -41,30 +48,71 @@ def corpus(max_bytes: int) -> list[str]:
     return texts
 
 
+def spread(seconds: list[float], megabytes: float, peer: float) -> str:
+    rates = sorted(megabytes / s for s in seconds)
+    median = statistics.median(seconds)
+    ratio = peer / median
+    return f"{megabytes / median:6.2f} MB/s (spread {rates[0]:.2f}-{rates[-1]:.2f}) = {ratio:.2f}x the peer"
+
+
+def same_files(a: str, b: str) -> bool:
+    names = sorted(os.path.relpath(os.path.join(r, n), a) for r, _, ns in os.walk(a) for n in ns)
+    other = sorted(os.path.relpath(os.path.join(r, n), b) for r, _, ns in os.walk(b) for n in ns)
+    read = lambda root, name: open(os.path.join(root, name), "rb").read()  # noqa: E731
+    return names == other and all(read(a, n) == read(b, n) for n in names)
+
+
+def loader_rates(make: functools.partial, seconds: float = 1.0) -> list[float]:
+    """M tokens/s of three loaders made by `make`, each read for `seconds`."""
+    rates = []
+    for _ in range(3):
+        loader = make()
+        next(loader)
+        batches, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            next(loader)
+            batches += 1
+        window = make.keywords["seq"] + 1
+        rates.append(batches * make.keywords["global_batch"] * window / (time.perf_counter() - start) / 1e6)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=6, help="text to prepare")
     parser.add_argument("--vocab", type=int, default=32000, help="BPE vocabulary trained for the benchmark")
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many timings")
+    parser.add_argument("--repeats", type=int, default=5, help="timings of each path")
+    parser.add_argument("--ray-workers", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="data-throughput-")
     try:
         documents = corpus(int(args.megabytes * 1e6))
         megabytes = sum(len(d.encode()) for d in documents) / 1e6
-        source = os.path.join(work, "corpus.jsonl")
-        with open(source, "w") as f:
-            f.writelines(json.dumps({"text": d, "meta": {}}) + "\n" for d in documents)
+        sources = []
+        for i in range(FILES):
+            sources.append(os.path.join(work, f"corpus{i}.jsonl"))
+            with open(sources[-1], "w") as f:
+                f.writelines(json.dumps({"text": d, "meta": {}}) + "\n" for d in documents[i::FILES])
+        part_bytes = max(1, sum(os.path.getsize(s) for s in sources) // FILES)
         tokenizer = prepare.train_tokenizer(iter(documents[: len(documents) // 4]), args.vocab)
         tokenizer_path = os.path.join(work, "tokenizer.json")
         tokenizer.save(tokenizer_path)
-        print(f"corpus: {len(documents)} documents, {megabytes:.1f} MB of text; BPE vocabulary {args.vocab}")
-        print(f"cores: {os.cpu_count()}")
+        print(f"corpus: {len(documents)} documents, {megabytes:.1f} MB of text in {FILES} files and parts")
+        print(f"BPE vocabulary {args.vocab}; cores: {os.cpu_count()}; local Ray CPUs: {args.ray_workers}")
 
-        def prepare_with(workers: int) -> None:
-            out = os.path.join(work, f"out{workers}")
+        from mesh_transformer.cluster import connect
+
+        start = time.perf_counter()
+        connect(None, args.ray_workers)  # started once, outside the timings (it takes seconds)
+        print(f"local Ray started in {time.perf_counter() - start:.1f} s")
+
+        def prepare_with(name: str, **options) -> None:
+            out = os.path.join(work, name)
             shutil.rmtree(out, ignore_errors=True)
-            prepare.prepare_dataset([source], out, tokenizer_path=tokenizer_path, workers=workers)
+            prepare.prepare_dataset(
+                sources, out, tokenizer_path=tokenizer_path, part_bytes=part_bytes, **options
+            )
 
         runs = {
             "tokenizers encode_batch (the peer)": lambda: tokenizer.encode_batch(
@@ -73,36 +121,40 @@ def main() -> None:
             "tokenizers encode_batch_fast (no offsets)": lambda: tokenizer.encode_batch_fast(
                 documents, add_special_tokens=False
             ),
-            "prepare_dataset, 1 process": lambda: prepare_with(1),
-            "prepare_dataset, 2 processes": lambda: prepare_with(2),
+            "prepare_dataset, 1 process": lambda: prepare_with("out1"),
+            "prepare_dataset, 2 worker processes": lambda: prepare_with("out2", workers=2),
+            f"prepare_dataset, Ray tasks ({args.ray_workers} CPUs)": lambda: prepare_with(
+                "ray", ray_address="local"
+            ),
         }
+        prepare_with("ray", ray_address="local")  # warm-up: Ray starts its worker processes once
         # Interleaved repeats, so load from other work on the machine falls on peer and pipeline alike.
-        best = dict.fromkeys(runs, float("inf"))
+        seconds: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, run in runs.items():
                 start = time.perf_counter()
                 run()
-                best[name] = min(best[name], time.perf_counter() - start)
-        peer = best["tokenizers encode_batch (the peer)"]
-        for name, seconds in best.items():
-            note = (
-                "  (target >= 0.8x with the same processes)" if name == "prepare_dataset, 1 process" else ""
-            )
-            print(f"{name:42s} {megabytes / seconds:6.2f} MB/s = {peer / seconds:.2f}x the peer{note}")
+                seconds[name].append(time.perf_counter() - start)
+        peer = statistics.median(seconds["tokenizers encode_batch (the peer)"])
+        for name, timings in seconds.items():
+            print(f"{name:44s} {spread(timings, megabytes, peer)}")
+        identical = same_files(os.path.join(work, "out1"), os.path.join(work, "ray"))
+        print(f"Ray's dataset identical to the single process's, file for file: {identical}")
 
         dataset = os.path.join(work, "out1")
+        mixture = {dataset: 0.7, os.path.join(work, "ray"): 0.3}
         for seq, batch in ((2048, 16), (128, 16)):
-            loader = Loader(dataset, seq=seq, global_batch=batch, seed=0, process_index=0, process_count=1)
-            next(loader)
-            batches, start = 0, time.perf_counter()
-            while time.perf_counter() - start < 2.0:
-                next(loader)
-                batches += 1
-            rate = batches * batch * (seq + 1) / (time.perf_counter() - start)
-            print(
-                f"loader seq {seq:4d} x batch {batch}: {rate / 1e6:7.2f} M tokens/s per host "
-                f"= {rate / 1e6:.1f}x the 1M tokens/s target"
-            )
+            shape = dict(seq=seq, global_batch=batch, process_index=0, process_count=1)
+            for label, make in (
+                ("one dataset", functools.partial(Loader, dataset, **shape)),
+                ("mixture of 2", functools.partial(MixtureLoader, mixture, **shape)),
+            ):
+                rates = loader_rates(make)
+                median = statistics.median(rates)
+                print(
+                    f"loader {label:12s} seq {seq:4d} x batch {batch}: {median:7.2f} M tokens/s per host "
+                    f"(spread {min(rates):.2f}-{max(rates):.2f}) = {median:.1f}x the 1M tokens/s target"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -206,7 +206,8 @@ class HostWorker:
         )
         params = load_params(options.model_dir, target)
         with jax.default_device(cpu):
-            return run.sample_text(config, params, options.data[0], prompt, options.sample_tokens)
+            dataset_dir = next(iter(run.training_datasets(config, options)))  # the tokenizer's
+            return run.sample_text(config, params, dataset_dir, prompt, options.sample_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -351,8 +352,7 @@ def _train(config: Config, options: RunOptions, cluster: ClusterOptions, fault: 
     spread = not local and len([n for n in ray.nodes() if n["Alive"]]) > 1
 
     # Prepared once here so the hosts do not race to prepare it; each then reads only its own rows.
-    dataset_dir = training_data(config, options)
-    actor_options = dataclasses.replace(options, data=[dataset_dir], on_step=None)
+    actor_options = dataclasses.replace(options, data=training_data(config, options), on_step=None)
     checkpoints = CheckpointManager(options.model_dir)
     end_step = options.steps if options.steps is not None else config.total_steps
     reporter = ray.remote(num_cpus=0)(_Reporter).remote()

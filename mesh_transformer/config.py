@@ -47,7 +47,10 @@ class Config:
     # --- data, evaluation, checkpoints, bookkeeping (original keys) ---
     bucket: str = ""
     model_dir: str = ""
-    train_set: str = ""
+    # The data to train on when --data is not given: a prepared dataset dir (or text files, as --data takes),
+    # or a mixture {"path/of/dataset": weight, ...} of prepared datasets of one tokenizer, whose batches draw
+    # rows from each in proportion to its weight (original: a tfrecords index, which must be replaced).
+    train_set: str | dict[str, float] = ""
     val_set: dict[str, str] = field(default_factory=dict)
     eval_harness_tasks: list[str] = field(default_factory=list)
     val_batches: int = 0
@@ -68,6 +71,9 @@ class Config:
     shard_optimizer_over_dp: bool = False  # ZeRO-1: optimizer state also split over the `dp` axis
     shard_params_over_dp: bool = False  # ZeRO-3: params also split over `dp`, gathered per layer
     tensorboard: bool = False  # also write TensorBoard event files to {model_dir}/tensorboard
+    # Attention stays inside each document of a packed sequence (split at EOS) and positions restart at each
+    # document, so a document is computed as if alone; false (GPT-J's training) attends across documents.
+    document_mask: bool = False
 
     # ----- derived values -----
     @property
@@ -128,6 +134,19 @@ def _check_type(key: str, value: Any) -> Any:
     elif expected == "str":
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    elif expected == "str | dict[str, float]":
+        if isinstance(value, dict):
+            weights_ok = all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 and w != float("inf")
+                for w in value.values()
+            )
+            if not value or not weights_ok or not all(isinstance(k, str) and k for k in value):
+                raise ConfigError(
+                    f"config key '{key}' must be a dataset path or a mixture {{path: positive weight}}, "
+                    f"got {value!r}"
+                )
+        elif not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a dataset path or a mixture, got {value!r}")
     elif expected.startswith("dict"):
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise ConfigError(f"config key '{key}' must be a dict of name -> dataset path, got {value!r}")

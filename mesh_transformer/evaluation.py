@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,22 +38,30 @@ MIN_BUCKET = 16  # shortest padded length: shorter buckets would only add compil
 # ----- validation loss -----
 
 
-def validation_sets(config: Config, training_dataset: str) -> dict[str, str]:
-    """Name -> prepared dataset dir: the config's `val_set`, or the training dataset's validation split."""
-    return dict(config.val_set) if config.val_set else {DEFAULT_SET: training_dataset}
+def validation_sets(config: Config, training: str | Mapping[str, float]) -> dict[str, str]:
+    """Name -> prepared dataset dir: the config's `val_set`, else the validation split of the training
+    dataset (or of each dataset of a mixture, {dataset dir: weight}, under its name)."""
+    if config.val_set:
+        return dict(config.val_set)
+    if isinstance(training, str):
+        return {DEFAULT_SET: training}
+    return dict(zip(data.dataset_names(list(training)), training, strict=True))
 
 
 class Validator:
     """Mean cross-entropy and perplexity over `n_batches` fixed batches of each validation set.
 
     Batches are read once and reused, so every evaluation of a run sees the same tokens. Each set must have
-    been tokenized like the training data (same tokenizer.json), or its loss would mean nothing."""
+    been tokenized like the training data (same tokenizer.json), or its loss would mean nothing. In a set of
+    fine-tuning examples only completion tokens count (the loss is their mean over all the batches); with
+    the config's document_mask, attention stays inside documents as in training."""
 
     def __init__(self, trainer: Trainer, sets: dict[str, str], n_batches: int, training_dataset: str):
         config = trainer.config
         self.trainer = trainer
         reference = data.read_index(training_dataset).get("tokenizer_sha256")
-        self.batches: dict[str, list[np.ndarray]] = {}
+        self.batches: dict[str, list[data.Batch]] = {}
+        self.weights: dict[str, list[int] | None] = {}
         for name, dataset_dir in sets.items():
             index = data.read_index(dataset_dir)
             if reference and index.get("tokenizer_sha256") not in (None, reference):
@@ -66,20 +74,43 @@ class Validator:
                     f"val_set '{name}' ({dataset_dir}) has {index['vocab_size']} token ids but the model's "
                     f"n_vocab is {config.n_vocab}"
                 )
-            self.batches[name] = data.validation_batches(
-                dataset_dir, seq=config.seq, global_batch=config.global_batch, n_batches=n_batches
+            self.batches[name] = data.validation_examples(
+                dataset_dir,
+                seq=config.seq,
+                global_batch=config.global_batch,
+                n_batches=n_batches,
+                segments=config.document_mask,
             )
+            self.weights[name] = self._target_counts(name, dataset_dir)
+
+    def _global(self, batch: data.Batch) -> data.Batch:
+        return jax.tree_util.tree_map(
+            lambda a: sharding.global_array(a, self.trainer.eval_batch_sharding), batch
+        )
+
+    def _target_counts(self, name: str, dataset_dir: str) -> list[int] | None:
+        """Targets each batch's loss mask counts (over all processes), or None when every token counts."""
+        if self.batches[name][0].loss_mask is None:
+            return None
+        count = jax.jit(
+            lambda mask: jnp.sum(mask[:, 1:] > 0), out_shardings=sharding.replicated(self.trainer.mesh)
+        )
+        counts = [int(jax.device_get(count(self._global(b).loss_mask))) for b in self.batches[name]]
+        if not sum(counts):
+            raise UserError(
+                f"val_set '{name}' ({dataset_dir}): its first {len(counts)} validation batches hold no "
+                "completion tokens to score; prepare it with more examples or use more val_batches"
+            )
+        return counts
 
     def losses(self, params) -> dict[str, float]:
         """{"val/{name}/loss": mean cross-entropy (nats/token), "val/{name}/ppl": exp(loss)} for every set."""
         out = {}
         for name, batches in self.batches.items():
-            losses = [
-                self.trainer.eval_loss(params, sharding.global_array(b, self.trainer.eval_batch_sharding))
-                for b in batches
-            ]
-            # every batch holds the same number of tokens, so the mean of batch means is the token mean
-            loss = float(np.mean(jax.device_get(losses)))
+            losses = [self.trainer.eval_loss(params, self._global(b)) for b in batches]
+            # A batch's loss is the mean over the targets it counts: every token, the same number in every
+            # batch (so the mean of batch means is the token mean), or those its loss mask marks (weighted).
+            loss = float(np.average(jax.device_get(losses), weights=self.weights[name]))
             out[f"val/{name}/loss"] = loss
             out[f"val/{name}/ppl"] = math.exp(min(loss, 700.0))  # exp overflows float64 past ~709
         return out
@@ -337,13 +368,15 @@ class Evaluator:
     """What a training run evaluates every `val_every` steps (and at its last step): validation loss on
     `val_batches` batches of each validation set, and the `eval_harness_tasks` when there are any."""
 
-    def __init__(self, trainer: Trainer, training_dataset: str):
+    def __init__(self, trainer: Trainer, training: str | Mapping[str, float]):
+        """training: the training dataset dir, or a mixture's {dataset dir: weight}."""
         config = trainer.config
+        training_dataset = training if isinstance(training, str) else next(iter(training))
         self.config, self.trainer, self.training_dataset = config, trainer, training_dataset
         self.validator: Validator | None = None
         self.harness_model: HarnessModel | None = None
         if config.val_batches:
-            sets = validation_sets(config, training_dataset)
+            sets = validation_sets(config, training)
             self.validator = Validator(trainer, sets, config.val_batches, training_dataset)
         if config.eval_harness_tasks:
             check_tasks(config.eval_harness_tasks)  # fail before training, not at the first evaluation

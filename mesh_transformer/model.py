@@ -142,9 +142,15 @@ class Block(hk.Module):
         self.s = shape
 
     def __call__(
-        self, x_BTD: jax.Array, sin_TR: jax.Array, cos_TR: jax.Array, cache: _LayerCache | None = None
+        self,
+        x_BTD: jax.Array,
+        sin_TR: jax.Array,
+        cos_TR: jax.Array,
+        cache: _LayerCache | None = None,
+        mask_B1TT: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, _LayerCache]:
-        """x_BTD -> x_BTD; with a cache, (x_BTD, the cache holding this layer's new keys and values)."""
+        """x_BTD -> x_BTD; with a cache, (x_BTD, the cache holding this layer's new keys and values).
+        Without a cache, `mask_B1TT` (the earlier tokens each may attend to) replaces the causal mask."""
         s = self.s
         fan_in = 1.0 / math.sqrt(s.d_model)
         out_std = (2.0 / s.layers) / math.sqrt(s.d_model)
@@ -173,7 +179,7 @@ class Block(hk.Module):
 
         if cache is None:
             keys, values, k_spec, v_spec = k_BTHK, v_BTHK, "bshk", "bshk"
-            mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # causal, (T, S) with S = T
+            mask = jnp.tril(jnp.ones((T, T), dtype=bool)) if mask_B1TT is None else mask_B1TT  # (T, S), S = T
         else:
             k_BHKS = jax.lax.dynamic_update_slice(
                 cache.k_BHKS, k_BTHK.transpose(0, 2, 3, 1).astype(cd), (0, 0, 0, cache.write_index)
@@ -208,8 +214,22 @@ class Block(hk.Module):
         return x_BTD if cache is None else (x_BTD, cache)
 
 
+def document_positions_and_mask(segment_ids_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """For rows packing several documents (segment ids non-decreasing along T): each token's position within
+    its document, and the attention mask that keeps it to its own document's earlier tokens - so every
+    document is computed as if it were alone."""
+    T = segment_ids_BT.shape[1]
+    t_T = jnp.arange(T)
+    starts_BT = jnp.concatenate(
+        [jnp.ones_like(segment_ids_BT[:, :1], bool), segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1
+    )
+    first_BT = jax.lax.cummax(jnp.where(starts_BT, t_T, 0), axis=1)  # where each token's document starts
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return t_T - first_BT, (same_BTT & (t_T[:, None] >= t_T[None, :]))[:, None]
+
+
 class GPTJ(hk.Module):
-    """Token ids (B, T) -> float32 logits (B, T, V).
+    """Token ids (B, T) -> float32 logits (B, T, V); with `segment_ids_BT`, attention stays inside documents.
 
     With a `KVCache`: the T tokens continue each row's cached context; returns the next-token logits
     after the last of them (B, V) and the cache holding them too."""
@@ -219,7 +239,7 @@ class GPTJ(hk.Module):
         self.s = shape
 
     def __call__(
-        self, tokens_BT: jax.Array, cache: KVCache | None = None
+        self, tokens_BT: jax.Array, cache: KVCache | None = None, segment_ids_BT: jax.Array | None = None
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         s = self.s
         wte_VD = hk.get_parameter(
@@ -233,10 +253,13 @@ class GPTJ(hk.Module):
         T = tokens_BT.shape[1]
 
         if cache is None:
-            sin_TR, cos_TR = rotary_sin_cos(jnp.arange(T), s.rotary_dims)
+            positions, mask_B1TT = jnp.arange(T), None
+            if segment_ids_BT is not None:
+                positions, mask_B1TT = document_positions_and_mask(segment_ids_BT)
+            sin_TR, cos_TR = rotary_sin_cos(positions, s.rotary_dims)
 
             def layer(x):
-                return Block(s, name="block")(x, sin_TR, cos_TR)
+                return Block(s, name="block")(x, sin_TR, cos_TR, mask_B1TT=mask_B1TT)
 
             if s.remat == "layer":
                 layer = hk.remat(layer)
@@ -271,9 +294,12 @@ class GPTJ(hk.Module):
 
 
 def build(shape: ModelShape) -> hk.Transformed:
-    """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV, and
+    """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV (pass
+    segment_ids_BT= for packed documents that must not see each other), and
     apply(unstack_layers(params), None, tokens_BT, cache) -> (next-token logits_BV, cache) for generation."""
-    return hk.transform(lambda tokens_BT, cache=None: GPTJ(shape)(tokens_BT, cache))
+    return hk.transform(
+        lambda tokens_BT, cache=None, segment_ids_BT=None: GPTJ(shape)(tokens_BT, cache, segment_ids_BT)
+    )
 
 
 STACKED_LAYER = "gptj/layers/block/"

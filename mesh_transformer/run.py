@@ -74,16 +74,57 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-def training_data(config: Config, options: RunOptions) -> str:
-    """The prepared dataset the run reads, preparing it into the model dir first if needed."""
-    return data.resolve_training_data(
-        options.data,
-        options.model_dir,
-        n_vocab=config.n_vocab,
+def is_mixture(config: Config, options: RunOptions) -> bool:
+    """The run reads the config's train_set mixture (--data, when given, replaces it)."""
+    return options.data is None and isinstance(config.train_set, dict)
+
+
+def training_data(config: Config, options: RunOptions) -> list[str] | None:
+    """What the run reads as `RunOptions.data` says it, with raw text prepared into the model dir first:
+    [a prepared dataset dir], or None for the config's train_set mixture (whose datasets are prepared)."""
+    data_args = options.data
+    if is_mixture(config, options):
+        return None
+    if data_args is None and config.train_set:
+        data_args = [config.train_set]
+    try:
+        dataset_dir = data.resolve_training_data(
+            data_args,
+            options.model_dir,
+            n_vocab=config.n_vocab,
+            seq=config.seq,
+            tokenizer=options.tokenizer or config.tokenizer or None,
+            seed=config.seed,
+        )
+    except data.DataError as e:
+        if options.data is None and config.train_set:
+            raise data.DataError(f"config key 'train_set': {e}") from None
+        raise
+    return [dataset_dir]
+
+
+def training_datasets(config: Config, options: RunOptions) -> dict[str, float]:
+    """Prepared dataset dir -> weight of what the run reads (one dataset: weight 1)."""
+    prepared = training_data(config, options)
+    if prepared is None:
+        return data.resolve_mixture(config.train_set, n_vocab=config.n_vocab)
+    return {prepared[0]: 1.0}
+
+
+def make_loader(
+    config: Config, options: RunOptions, datasets: dict[str, float]
+) -> data.Loader | data.MixtureLoader:
+    """One dataset's Loader, or a MixtureLoader for the config's train_set mixture."""
+    kwargs = dict(
         seq=config.seq,
-        tokenizer=options.tokenizer or config.tokenizer or None,
+        global_batch=config.global_batch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
         seed=config.seed,
+        segments=config.document_mask,
     )
+    if is_mixture(config, options):
+        return data.MixtureLoader(datasets, "train", **kwargs)
+    return data.Loader(next(iter(datasets)), "train", **kwargs)
 
 
 def train(config: Config, options: RunOptions) -> dict:
@@ -93,18 +134,13 @@ def train(config: Config, options: RunOptions) -> dict:
     if "://" not in model_dir:
         os.makedirs(model_dir, exist_ok=True)
 
-    dataset_dir = training_data(config, options)
-    loader = data.Loader(
-        dataset_dir,
-        "train",
-        seq=config.seq,
-        global_batch=config.global_batch,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        seed=config.seed,
-    )
+    datasets = training_datasets(config, options)
+    dataset_dir = next(iter(datasets))  # its tokenizer is every dataset's
+    loader = make_loader(config, options, datasets)
     mesh = sharding.mesh_for(config)
     trainer = Trainer(config, mesh)
-    evaluator = Evaluator(trainer, dataset_dir)  # checks val sets and harness tasks before training
+    # checks val sets and harness tasks before training
+    evaluator = Evaluator(trainer, datasets if isinstance(loader, data.MixtureLoader) else dataset_dir)
     checkpoints = CheckpointManager(model_dir, keep_n=config.keep_n, keep_every=config.keep_every)
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
     checkpoints.prepare(state)  # host buffers for the saves, mapped while the first steps run
@@ -118,6 +154,8 @@ def train(config: Config, options: RunOptions) -> dict:
     log = MetricsLog(model_dir, enabled=is_main, config=config)
     if start_step > 0:
         log.event("resume", step=start_step)
+    if isinstance(loader, data.MixtureLoader) and loader.mixture_changed:
+        log.event("mixture_changed", step=start_step, mixture=loader.state_dict()["mixture"])
     bar = tqdm(
         total=end_step,
         initial=start_step,
@@ -143,6 +181,7 @@ def train(config: Config, options: RunOptions) -> dict:
                 "mfu": model_flops_per_token * tokens_per_sec / peak,
                 "tokens_seen": (step + 1) * config.tokens_per_step,
                 "step_seconds": seconds,
+                **{f"tokens_seen/{name}": n for name, n in loader.tokens_seen().items()},
             }
             if evaluator.due(step + 1, end_step):
                 metrics.update(evaluator.run(state.params))
@@ -176,7 +215,7 @@ def train(config: Config, options: RunOptions) -> dict:
 
 def initial_state(
     trainer: Trainer,
-    loader: data.Loader,
+    loader: data.Loader | data.MixtureLoader,
     checkpoints: CheckpointManager,
     tune_model_path: str | None,
     seed: int,

@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mesh_transformer import sharding
 from mesh_transformer.config import Config
+from mesh_transformer.data import Batch
 from mesh_transformer.model import ModelShape, build
 from mesh_transformer.optimizer import make_optimizer, schedule_for
 
@@ -28,15 +29,33 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state, float32 moments
 
 
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(
+    logits_BTV: jax.Array,
+    targets_BT: jax.Array,
+    mask_BT: jax.Array | None = None,
+    n_targets: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy and mean log(Z)^2 (the z-loss term), both in float32.
 
+    With `mask_BT` only the targets it marks count: both are sums over them divided by `n_targets` (by
+    default the marked count, at least 1; a step passes its whole count so that micro-batches add up).
     The target logit is picked with a one-hot product rather than a gather, so that a vocab split over
     `mp` stays split (a gather across a sharded axis would all-gather the logits)."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
     target_logit_BT = jnp.sum(logits_BTV * jax.nn.one_hot(targets_BT, logits_BTV.shape[-1]), axis=-1)
-    return jnp.mean(log_z_BT - target_logit_BT), jnp.mean(jnp.square(log_z_BT))
+    if mask_BT is None:
+        return jnp.mean(log_z_BT - target_logit_BT), jnp.mean(jnp.square(log_z_BT))
+    weight_BT = mask_BT.astype(jnp.float32)
+    if n_targets is None:
+        n_targets = jnp.maximum(jnp.sum(weight_BT), 1.0)
+    ce = jnp.sum(jnp.where(mask_BT, log_z_BT - target_logit_BT, 0.0)) / n_targets
+    return ce, jnp.sum(jnp.where(mask_BT, jnp.square(log_z_BT), 0.0)) / n_targets
+
+
+def as_batch(tokens_or_batch: jax.Array | Batch) -> Batch:
+    """A step's or evaluation's input: a token array (every token a target, no document mask) or a Batch."""
+    return tokens_or_batch if isinstance(tokens_or_batch, Batch) else Batch(tokens_or_batch)
 
 
 class Trainer:
@@ -105,38 +124,57 @@ class Trainer:
     def _from_params(self, params) -> TrainState:
         return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
 
-    def _loss(self, params, tokens_BT1: jax.Array) -> tuple[jax.Array, jax.Array]:
-        logits_BTV = self.model.apply(params, None, tokens_BT1[:, :-1])
-        ce, log_z_sq = cross_entropy(logits_BTV, tokens_BT1[:, 1:])
+    def _loss(
+        self, params, batch_BT1: jax.Array | Batch, n_targets: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(loss with the z-loss term, cross-entropy) of a (B, T + 1) token array or Batch; a loss mask
+        restricts both to the targets it marks (see `cross_entropy` for `n_targets`), segment ids keep
+        attention inside documents."""
+        batch = as_batch(batch_BT1)
+        segments_BT = None if batch.segment_ids is None else batch.segment_ids[:, :-1]
+        logits_BTV = self.model.apply(params, None, batch.tokens[:, :-1], None, segments_BT)
+        mask_BT = None if batch.loss_mask is None else batch.loss_mask[:, 1:] > 0
+        ce, log_z_sq = cross_entropy(logits_BTV, batch.tokens[:, 1:], mask_BT, n_targets)
         return ce + self.config.z_loss * log_z_sq, ce
 
-    def _step(self, state: TrainState, tokens_ABT1: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    def _step(
+        self, state: TrainState, batch_ABT1: jax.Array | Batch
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = as_batch(batch_ABT1)
+        accumulation = batch.tokens.shape[0]
+        # With a loss mask each micro-batch's loss is a sum over its targets divided by the whole step's
+        # count, so that summed gradients are the gradient of the step's mean over the targets it counts.
+        n_targets = None
+        if batch.loss_mask is not None:
+            n_targets = jnp.maximum(jnp.sum(batch.loss_mask[..., 1:] > 0).astype(jnp.float32), 1.0)
         with sharding.activation_sharding(self.mesh):
             grad_fn = jax.value_and_grad(self._loss, has_aux=True)
 
-            def micro_step(grad_sum, tokens_BT1):
-                (_, ce), grads = grad_fn(state.params, tokens_BT1)
+            def micro_step(grad_sum, micro_BT1):
+                (_, ce), grads = grad_fn(state.params, micro_BT1, n_targets)
                 return jax.tree_util.tree_map(jnp.add, grad_sum, grads), ce
 
             # float32 accumulator (never bf16: see REFERENCE section 3)
             zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
             zeros = jax.lax.with_sharding_constraint(zeros, self.grad_shardings)
-            grad_sum, ce_A = jax.lax.scan(micro_step, zeros, tokens_ABT1)
-            grads = jax.tree_util.tree_map(lambda g: g / tokens_ABT1.shape[0], grad_sum)
+            grad_sum, ce_A = jax.lax.scan(micro_step, zeros, batch)
+            divisor = accumulation if n_targets is None else 1
+            grads = jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
             grads = jax.lax.with_sharding_constraint(grads, self.optimizer_param_shardings)
 
             updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             metrics = {
-                "loss": jnp.mean(ce_A),
+                "loss": jnp.mean(ce_A) if n_targets is None else jnp.sum(ce_A),
                 "grad_norm": optax.tree.norm(grads),
                 "lr": self.schedule(state.step),
             }
             return TrainState(state.step + 1, params, opt_state), metrics
 
-    def _eval_loss(self, params, tokens_BT1: jax.Array) -> jax.Array:
+    def _eval_loss(self, params, batch_BT1: jax.Array | Batch) -> jax.Array:
+        """Mean cross-entropy over the batch's targets (those its loss mask marks, if it has one)."""
         with sharding.activation_sharding(self.mesh):
-            return self._loss(params, tokens_BT1)[1]
+            return self._loss(params, batch_BT1)[1]
 
     # ----- host-side helpers -----
     def init_state(self, seed: int) -> TrainState:
@@ -146,6 +184,7 @@ class Trainer:
         """Step 0 with a fresh optimizer around `params`: where fine-tuning starts (schedule from step 0)."""
         return self._jit_from_params(params)
 
-    def global_batch(self, local_tokens: np.ndarray) -> jax.Array:
-        """This process's rows (A, B / processes, T + 1) -> one global array split over `dp`."""
-        return sharding.global_array(local_tokens, self.batch_sharding)
+    def global_batch(self, local: np.ndarray | Batch) -> jax.Array | Batch:
+        """This process's rows (A, B / processes, T + 1) - a token array or a Batch of such arrays - as
+        global arrays split over `dp`."""
+        return jax.tree_util.tree_map(lambda a: sharding.global_array(a, self.batch_sharding), local)

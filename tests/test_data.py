@@ -97,7 +97,7 @@ def test_loader_epoch_covers_every_window_of_the_stream_once(tmp_path, tokenizer
     windows = [tuple(stream[r * seq : r * seq + seq + 1]) for r in range((len(stream) - 1) // seq)]
     loader = Loader(out, seq=seq, global_batch=1, process_index=0, process_count=1)
     assert loader.batches_per_epoch == len(windows)
-    rows = [tuple(next(loader)[0, 0]) for _ in range(len(windows))]
+    rows = [tuple(next(loader).tokens[0, 0]) for _ in range(len(windows))]
     assert sorted(rows) == sorted(windows)
     assert rows != windows  # shuffled
     assert loader.state_dict()["epoch"] == 0
@@ -196,8 +196,8 @@ def test_two_processes_read_disjoint_rows_that_together_form_the_global_batch(da
     parts = [Loader(dataset, process_index=p, process_count=2, **kwargs) for p in range(2)]
     seen = []
     for _ in range(whole.batches_per_epoch // 2):
-        expected = next(whole)
-        got = [next(p) for p in parts]
+        expected = next(whole).tokens
+        got = [next(p).tokens for p in parts]
         assert got[0].shape == (2, 4, 17) and got[0].dtype == np.int32
         np.testing.assert_array_equal(np.concatenate(got, axis=1), expected)
         seen += [tuple(r) for g in got for r in g.reshape(-1, 17)]
@@ -221,14 +221,14 @@ def test_resume_after_k_batches_continues_exactly(dataset):
     resumed = Loader(dataset, **(kwargs | {"seed": 999}))  # the state's seed wins
     resumed.load_state_dict(state)
     for _ in range(3):
-        np.testing.assert_array_equal(next(resumed), next(uninterrupted))
+        np.testing.assert_array_equal(next(resumed).tokens, next(uninterrupted).tokens)
 
 
 def test_epochs_and_seeds_give_different_orders(dataset):
     def first_batches(seed, skip_epochs):
         loader = Loader(dataset, seq=16, global_batch=4, seed=seed, process_index=0, process_count=1)
         loader.load_state_dict({"seed": seed, "epoch": skip_epochs, "position": 0})
-        return next(loader)
+        return next(loader).tokens
 
     assert not np.array_equal(first_batches(0, 0), first_batches(0, 1))
     assert not np.array_equal(first_batches(0, 0), first_batches(1, 0))
@@ -258,7 +258,7 @@ def test_validation_batches_are_fixed_and_split_between_processes(dataset):
 
 def test_loader_defaults_to_the_jax_process(dataset):
     loader = Loader(dataset, seq=16, global_batch=2)
-    assert next(loader).shape == (1, 2, 17)
+    assert next(loader).tokens.shape == (1, 2, 17)
     assert loader.vocab_size == data.read_index(dataset)["vocab_size"] and loader.eos_id >= 0
 
 
@@ -325,5 +325,115 @@ def test_demo_corpus_prepares_and_is_cached(tmp_path):
     assert (
         data.resolve_training_data(None, str(tmp_path), n_vocab=1024, seq=128, tokenizer=None, seed=0) == path
     )
-    assert next(Loader(path, seq=128, global_batch=16)).max() < index["vocab_size"]
+    assert next(Loader(path, seq=128, global_batch=16)).tokens.max() < index["vocab_size"]
     assert len(validation_batches(path, seq=128, global_batch=16, n_batches=4)) == 4
+
+
+def test_progress_bar_runs_forward_and_ends_at_the_input_bytes(tmp_path, tokenizer_path, monkeypatch):
+    import tqdm
+
+    files = [write_jsonl(tmp_path / f"part{i}.jsonl", make_documents(150, seed=i)) for i in range(3)]
+    total = sum(os.path.getsize(f) for f in files)
+    shown: list[float] = []
+
+    class RecordingBar(tqdm.tqdm):
+        def update(self, n=1):
+            assert n >= 0, f"the bar went back by {-n} bytes"
+            super().update(n)
+            shown.append(self.n)
+
+    monkeypatch.setattr(tqdm, "tqdm", RecordingBar)
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 2000)  # many chunks per file
+    data.prepare_dataset(files, str(tmp_path / "out"), tokenizer_path=tokenizer_path, progress=True)
+    assert len(shown) > 10 and shown == sorted(shown)
+    assert shown[-1] == total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Splits that the hash alone would leave empty
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_large_document_is_cut_so_that_both_splits_get_windows(tmp_path, tokenizer_path, seed):
+    text = " ".join(make_documents(300, seed=seed))  # one .txt file is one document
+    (tmp_path / "corpus.txt").write_text(text)
+    out = str(tmp_path / "out")
+    index = data.prepare_dataset(
+        [str(tmp_path / "corpus.txt")],
+        out,
+        tokenizer_path=tokenizer_path,
+        seq=64,
+        val_fraction=0.01,
+        seed=seed,
+    )
+    train, val = split_stream(out, "train"), split_stream(out, "validation")
+    whole = expected_stream(tokenizer_path, [text])
+    assert len(val) == max(-(-len(whole) // 100), 65)  # val_fraction of the tokens, at least one window
+    assert len(train) >= 65 and not index["warnings"]
+    # the document's end goes to validation; the train part ends with an EOS of its own
+    eos = index["eos_id"]
+    np.testing.assert_array_equal(np.concatenate([train[:-1], val]), whole)
+    assert train[-1] == eos and index["splits"]["validation"]["documents"] == 1
+
+
+def test_documents_all_hashed_to_validation_go_to_train_first(tmp_path, tokenizer_path):
+    documents = make_documents(3)
+    out = prepared(tmp_path, tokenizer_path, documents, val_fraction=0.9, seq=8, seed=1)
+    index = data.read_index(out)
+    # seed 1 sends all three documents to validation; train gets them and validation the last one
+    assert index["splits"]["train"]["documents"] == 2 and index["splits"]["validation"]["documents"] == 1
+    np.testing.assert_array_equal(split_stream(out, "train"), expected_stream(tokenizer_path, documents[:2]))
+
+
+def test_inputs_too_small_for_both_splits_say_so(tmp_path, tokenizer_path):
+    out = prepared(tmp_path, tokenizer_path, ["a tiny corpus"], val_fraction=0.1, seq=64)
+    tokens = data.read_index(out)["tokens"]
+    assert data.read_index(out)["warnings"] == [
+        f"the train split holds {tokens} tokens, less than one window of seq + 1 = 65 tokens (the inputs "
+        f"give {tokens} tokens in all); use more data or a smaller --seq",
+        "the validation split holds 0 tokens, less than one window of seq + 1 = 65 tokens (the inputs give "
+        f"{tokens} tokens in all); use more data or a smaller --seq, or --val-fraction 0",
+    ]
+
+
+def tiny_train_config(tmp_path) -> str:
+    from helpers import TINY_MODEL
+
+    config = dict(TINY_MODEL, tpu_size=8, cores_per_replica=2, per_replica_batch=2, total_steps=2)
+    config.update(warmup_steps=1, anneal_steps=2, compute_dtype="float32", remat="none", val_batches=1)
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_a_corpus_that_is_one_text_file_trains_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    text = "".join(open(f, encoding="utf-8").read() for f in data.default_corpus_files()[:40])[:600_000]
+    (tmp_path / "corpus.txt").write_text(text)
+    (tmp_path / "small.txt").write_text("far too little text to train on")
+    tokenizer = str(tmp_path / "tokenizer.json")
+    prepare.train_tokenizer(iter([text[:100_000]]), 384).save(tokenizer)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "device_train.py")
+
+    def train(corpus: str, model_dir: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, script, "--config", tiny_train_config(tmp_path), "--model-dir", model_dir]
+        command += ["--data", corpus, "--tokenizer", tokenizer, "--no-progress", "--sample-tokens", "0"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    result = train(str(tmp_path / "corpus.txt"), str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = data.read_index(str(tmp_path / "run" / "dataset"))
+    assert min(s["tokens"] for s in index["splits"].values()) >= 17 and not index["warnings"]
+    logged = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in logged if "loss" in m] == [1, 2]
+    assert "val/default/loss" in logged[-1]
+
+    result = train(str(tmp_path / "small.txt"), str(tmp_path / "small_run"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith(("warning:", "error:"))]
+    assert len(lines) == 2, result.stderr
+    assert lines[0].startswith("warning: the validation split holds 0 tokens")
+    assert lines[1].startswith("error: ") and "train split is too small" in lines[1]

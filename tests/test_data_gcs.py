@@ -59,10 +59,10 @@ def test_prepare_from_and_into_a_bucket_matches_local(tmp_path, emulator):
     )
     from_bucket, from_disk = Loader(remote, **kwargs), Loader(local, **kwargs)
     for _ in range(5):
-        np.testing.assert_array_equal(next(from_bucket), next(from_disk))
+        np.testing.assert_array_equal(next(from_bucket).tokens, next(from_disk).tokens)
     resumed = Loader(remote, **kwargs)
     resumed.load_state_dict(from_disk.state_dict())
-    np.testing.assert_array_equal(next(resumed), next(from_disk))
+    np.testing.assert_array_equal(next(resumed).tokens, next(from_disk).tokens)
     val_kwargs = dict(seq=12, global_batch=2, n_batches=2, process_index=0, process_count=1)
     for a, b in zip(
         validation_batches(remote, **val_kwargs), validation_batches(local, **val_kwargs), strict=True
@@ -91,3 +91,31 @@ def test_bucket_errors_leave_no_index(tmp_path, emulator):
         )
     with pytest.raises(DataError, match="not a prepared dataset"):
         Loader(f"gs://{BUCKET}/out", seq=4, global_batch=1, process_index=0, process_count=1)
+
+
+def test_parquet_and_a_datasets_folder_stream_from_a_bucket(tmp_path, emulator):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = documents(60)
+    tokenizer_path = str(tmp_path / "tokenizer.json")
+    prepare.train_tokenizer(iter(docs), 300).save(tokenizer_path)
+    local = tmp_path / "in"
+    local.mkdir()
+    pq.write_table(pa.table({"body": docs[:30]}), str(local / "a.parquet"), row_group_size=4)
+    datasets.Dataset.from_dict({"body": docs[30:]}).save_to_disk(str(local / "saved"), num_shards=3)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.gcs_blob(f"gs://{BUCKET}/cols/{path.relative_to(local)}").upload_from_filename(str(path))
+
+    options = dict(tokenizer_path=tokenizer_path, val_fraction=0.0, text_column="body")
+    remote_inputs = [f"gs://{BUCKET}/cols/a.parquet", f"gs://{BUCKET}/cols/saved"]
+    index = data.prepare_dataset(remote_inputs, str(tmp_path / "remote"), **options)
+    data.prepare_dataset([str(local / "a.parquet"), str(local / "saved")], str(tmp_path / "local"), **options)
+    assert index["documents"] == 60 and index["files"] == 4
+    streams = [
+        data._TokenStream(str(tmp_path / name), data.read_index(str(tmp_path / name)), "train")
+        for name in ("remote", "local")
+    ]
+    a, b = (s.windows(np.array([0]), s.tokens)[0] for s in streams)
+    np.testing.assert_array_equal(a, b)
