@@ -44,8 +44,9 @@ def main() -> None:
     import jax
 
     from mesh_transformer.config import load_config
+    from mesh_transformer.engine import load_generator
     from mesh_transformer.run import model_dir_for
-    from mesh_transformer.sampling import Row, SamplingParams, load_generator
+    from mesh_transformer.sampling import Row, SamplingParams
 
     config = load_config(args.config)
     if args.max_batch < 1 or not 0 < args.port < 65536:

@@ -28,9 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mesh_transformer.engine import Generator  # noqa: E402
 from mesh_transformer.hf import hf_tensors  # noqa: E402
 from mesh_transformer.model import ModelShape, build  # noqa: E402
-from mesh_transformer.sampling import Generator, Row, SamplingParams  # noqa: E402
+from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 
 SHAPES = {
     "demo": ModelShape(4, 256, 4, 4096, 32, "float32", "none"),

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mesh_transformer.sampling import Completion, Generator, Row, SamplingError, SamplingParams
+from mesh_transformer.engine import Generator
+from mesh_transformer.sampling import Completion, Row, SamplingError, SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_ROWS_PER_REQUEST = 64  # prompts x n

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sampling import SEQ, SHAPE, tiny_params, tiny_tokenizer
 
-from mesh_transformer.sampling import Generator, Row, SamplingParams
+from mesh_transformer.engine import Generator
+from mesh_transformer.sampling import Row, SamplingParams
 from mesh_transformer.serving import ServerOptions, build_app
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
