@@ -308,6 +308,10 @@ class Engine:
     def live(self) -> int:
         return len(self._live)
 
+    def listeners(self) -> list[Listener]:
+        """Every row's listener, waiting or live."""
+        return [listener for _, listener in self._waiting] + [live.listener for live in self._live.values()]
+
     def step(self) -> None:
         for slot in [s for s, live in self._live.items() if live.listener.cancelled()]:
             self._live[slot].tracker.finish = "cancelled"
@@ -327,7 +331,7 @@ class Engine:
             row, listener = self._waiting[0]
             if listener.cancelled():
                 self._waiting.popleft()
-                self._report(listener.on_done, Completion([], "", "cancelled", 0))
+                self.report(listener.on_done, Completion([], "", "cancelled", 0))
                 continue
             n = max(longest, len(row.prompt_ids))
             rows = next(b for b in self.insert_sizes if b > len(taken))
@@ -377,7 +381,7 @@ class Engine:
             for slot in slots:
                 heapq.heappush(self._free, slot)
             for _, listener in taken:
-                self._report(listener.on_error, error)
+                self.report(listener.on_error, error)
             if self._state is not None and self._state.done_B.is_deleted():  # donated, then failed
                 self._reset(error)
             return
@@ -445,7 +449,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - this row fails; the others go on
             del self._live[slot]
             self._free_slot(slot)
-            self._report(live.listener.on_error, error)
+            self.report(live.listener.on_error, error)
             return
         if live.tracker.finish is not None:
             self._finish(slot)
@@ -454,7 +458,7 @@ class Engine:
         live = self._live.pop(slot)
         self._free_slot(slot)
         completion = live.tracker.completion(live.prompt_logprobs)
-        self._report(live.listener.on_done, completion)
+        self.report(live.listener.on_done, completion)
 
     def _free_slot(self, slot: int) -> None:
         self._release[slot] = True  # the device may still count it live (a stop string, a cancellation)
@@ -466,10 +470,10 @@ class Engine:
         self._state, self._free = None, list(range(self.batch))
         self._release[:] = False
         for row in live.values():
-            self._report(row.listener.on_error, error)
+            self.report(row.listener.on_error, error)
 
     @staticmethod
-    def _report(callback: Callable[[Any], None], result: Any) -> None:
+    def report(callback: Callable[[Any], None], result: Any) -> None:
         """A listener that fails to take its result loses it, nothing else."""
         try:
             callback(result)
