@@ -19,7 +19,13 @@ from mesh_transformer.sampling import Row, SamplingParams, TextTracker, filter_t
 @pytest.fixture(scope="module")
 def generator():
     return Generator(
-        SHAPE, tiny_params(), seq=SEQ, tokenizer=tiny_tokenizer(), chunk_tokens=8, batch_sizes=(1, 4)
+        SHAPE,
+        tiny_params(),
+        seq=SEQ,
+        tokenizer=tiny_tokenizer(),
+        chunk_tokens=8,
+        max_batch=4,
+        batch_sizes=(1, 4),
     )
 
 
