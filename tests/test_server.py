@@ -43,6 +43,20 @@ CHAT_TEMPLATE = (
 )
 
 
+# The config of test_sampling's tiny model (SHAPE, SEQ), for the scripts.
+TINY_CONFIG = {
+    "layers": SHAPE.layers,
+    "d_model": SHAPE.d_model,
+    "n_heads": SHAPE.n_heads,
+    "n_vocab": SHAPE.n_vocab,
+    "pe_rotary_dims": SHAPE.rotary_dims,
+    "seq": SEQ,
+    "compute_dtype": "float32",
+    "remat": "none",
+    "name": "tiny",
+}
+
+
 class RunningServer:
     """A uvicorn server on 127.0.0.1 and a free port, in a background thread."""
 
@@ -678,18 +692,7 @@ def write_run(tmp_path, params, tokenizer) -> list[str]:
     """A config, a checkpoint in its model_dir and the run's tokenizer; the device_sample.py command."""
     from mesh_transformer.checkpoint import save_params
 
-    config = {
-        "layers": SHAPE.layers,
-        "d_model": SHAPE.d_model,
-        "n_heads": SHAPE.n_heads,
-        "n_vocab": SHAPE.n_vocab,
-        "pe_rotary_dims": SHAPE.rotary_dims,
-        "seq": SEQ,
-        "compute_dtype": "float32",
-        "remat": "none",
-        "name": "tiny",
-        "model_dir": str(tmp_path / "run"),
-    }
+    config = {**TINY_CONFIG, "model_dir": str(tmp_path / "run")}
     (tmp_path / "config.json").write_text(json.dumps(config))
     save_params(str(tmp_path / "run" / "step_5"), params)  # the newest checkpoint of the config's model_dir
     (tmp_path / "run" / "dataset").mkdir()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from lm_eval.api.instance import Instance
 from test_sampling import SEQ, SHAPE, tiny_params, tiny_tokenizer
-from test_server import RunningServer
+from test_server import TINY_CONFIG, RunningServer
 
 from mesh_transformer import evaluation, sharding
 from mesh_transformer.checkpoint import save_params
@@ -24,20 +24,7 @@ from mesh_transformer.train import Trainer
 
 pytestmark = pytest.mark.slow
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = {
-    "layers": SHAPE.layers,
-    "d_model": SHAPE.d_model,
-    "n_heads": SHAPE.n_heads,
-    "n_vocab": SHAPE.n_vocab,
-    "pe_rotary_dims": SHAPE.rotary_dims,
-    "seq": SEQ,
-    "compute_dtype": "float32",
-    "remat": "none",
-    "tpu_size": 1,
-    "cores_per_replica": 1,
-    "per_replica_batch": 4,
-    "name": "tiny",
-}
+CONFIG = {**TINY_CONFIG, "tpu_size": 1, "cores_per_replica": 1, "per_replica_batch": 4}
 WORDS = "The quick brown fox jumps over the lazy dog hello world model".split()
 TASK = """task: tiny_choice
 dataset_path: json
