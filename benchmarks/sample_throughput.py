@@ -95,12 +95,12 @@ def weights_only(generator: Generator, batch: int):
     return lambda: run(x_BD).block_until_ready()
 
 
-def hf_model(shape: ModelShape, params):
+def hf_model(shape: ModelShape, params, positions: int = SEQ):
     from transformers import GPTJConfig, GPTJForCausalLM
 
     config = GPTJConfig(
         vocab_size=shape.n_vocab,
-        n_positions=SEQ,
+        n_positions=positions,
         n_embd=shape.d_model,
         n_layer=shape.layers,
         n_head=shape.n_heads,

@@ -217,7 +217,7 @@ def main() -> None:
     systems = {
         "continuous": continuous(ours),
         "static": static(old),
-        "transformers": transformers_cb(hf_model(SHAPE, params)),
+        "transformers": transformers_cb(hf_model(SHAPE, params, positions=SEQ)),
     }
 
     print(
