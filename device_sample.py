@@ -2,7 +2,7 @@
 
 python device_sample.py --config configs/demo.json --prompt "def "
 python device_sample.py --config configs/demo.json                      # interactive
-python device_sample.py --config configs/demo.json --serve --port 8000  # POST /v1/completions, /complete
+python device_sample.py --config configs/demo.json --serve --port 8000  # OpenAI completions and chat API
 """
 
 import argparse
@@ -35,7 +35,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"bearer key (default: ${API_KEY_ENV})"
     )
-    p.add_argument("--max-batch", type=int, default=16, help="requests generated together by the server")
+    p.add_argument("--max-batch", type=int, default=16, help="rows the server's engine decodes together")
+    p.add_argument(
+        "--chat-template",
+        help="Jinja chat template file for /v1/chat/completions (default: chat_template of the "
+        "tokenizer_config.json beside the tokenizer)",
+    )
     return p.parse_args()
 
 
@@ -44,14 +49,17 @@ def main() -> None:
     import jax
 
     from mesh_transformer.config import load_config
+    from mesh_transformer.engine import load_generator
     from mesh_transformer.run import model_dir_for
-    from mesh_transformer.sampling import Row, SamplingParams, load_generator
+    from mesh_transformer.sampling import Row, SamplingParams
 
     config = load_config(args.config)
     if args.max_batch < 1 or not 0 < args.port < 65536:
         raise UserError(
             f"--max-batch must be >= 1 and --port in 1..65535, got {args.max_batch} and {args.port}"
         )
+    if args.chat_template is not None and not os.path.isfile(args.chat_template):
+        raise UserError(f"--chat-template {args.chat_template}: no such file")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jax.config.update("jax_num_cpu_devices", config.mp)  # a CPU-only host emulates the model's devices
     ckpt = args.ckpt or model_dir_for(config, args.model_dir)
@@ -59,9 +67,14 @@ def main() -> None:
 
     if args.serve:
         from mesh_transformer.serving import ServerOptions, build_app, serve
+        from mesh_transformer.serving.chat import load_chat_template
 
+        template = load_chat_template(generator.tokenizer, args.chat_template, generator.tokenizer_path)
         options = ServerOptions(
-            model_name=config.name, max_batch=args.max_batch, api_key=args.api_key or None
+            model_name=config.name,
+            max_batch=args.max_batch,
+            api_key=args.api_key or None,
+            chat_template=template,
         )
         serve(build_app(generator, options), host=args.host, port=args.port)
         return

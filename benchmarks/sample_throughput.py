@@ -28,9 +28,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mesh_transformer.engine import Generator  # noqa: E402
 from mesh_transformer.hf import hf_tensors  # noqa: E402
 from mesh_transformer.model import ModelShape, build  # noqa: E402
-from mesh_transformer.sampling import Generator, Row, SamplingParams  # noqa: E402
+from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 
 SHAPES = {
     "demo": ModelShape(4, 256, 4, 4096, 32, "float32", "none"),
@@ -94,12 +95,12 @@ def weights_only(generator: Generator, batch: int):
     return lambda: run(x_BD).block_until_ready()
 
 
-def hf_model(shape: ModelShape, params):
+def hf_model(shape: ModelShape, params, positions: int = SEQ):
     from transformers import GPTJConfig, GPTJForCausalLM
 
     config = GPTJConfig(
         vocab_size=shape.n_vocab,
-        n_positions=SEQ,
+        n_positions=positions,
         n_embd=shape.d_model,
         n_layer=shape.layers,
         n_head=shape.n_heads,
@@ -193,14 +194,14 @@ def server_vs_offline(params, rounds: int) -> tuple[float, float, float]:
             return sum(await asyncio.gather(*(client(http, b, n) for b in bodies)))
 
     asyncio.run(load(1))  # warm-up: compiles whatever batch sizes the first arrivals form
-    batches_before = app.state.batcher.batches
+    calls_before = app.state.worker.engine.device_calls
     t0 = time.perf_counter()
     tokens = asyncio.run(load(rounds))
     served_rate = tokens / (time.perf_counter() - t0)
-    mean_batch = CLIENTS * rounds / max(1, app.state.batcher.batches - batches_before)
+    calls_per_token = (app.state.worker.engine.device_calls - calls_before) / tokens
     server.should_exit = True
     thread.join(timeout=60)
-    return served_rate, offline_rate, mean_batch
+    return served_rate, offline_rate, calls_per_token
 
 
 def main() -> None:
@@ -237,10 +238,10 @@ def main() -> None:
                 f"{batch * NEW / floor_s:>25,.0f}"
             )
 
-    served, offline, mean_batch = server_vs_offline(params, args.rounds)
+    served, offline, calls_per_token = server_vs_offline(params, args.rounds)
     print(
         f"server, {CLIENTS} concurrent clients: {served:,.0f} tok/s; offline batch of {CLIENTS}: "
-        f"{offline:,.0f} tok/s; ratio {served / offline:.2f}x (mean batch {mean_batch:.1f} requests)"
+        f"{offline:,.0f} tok/s; ratio {served / offline:.2f}x ({calls_per_token:.3f} device calls per token)"
     )
 
 

@@ -19,10 +19,11 @@ import numpy as np
 
 from mesh_transformer import data, sharding
 from mesh_transformer.config import Config
+from mesh_transformer.engine import Generator, place_params
 from mesh_transformer.errors import UserError
 from mesh_transformer.model import ModelShape
 from mesh_transformer.prepare import TOKENIZER_NAME, eos_id_of, read_tokenizer_file
-from mesh_transformer.sampling import Generator, Row, SamplingParams, bucket, place_params
+from mesh_transformer.sampling import Row, SamplingParams, bucket
 from mesh_transformer.storage import join, path_exists
 from mesh_transformer.train import Trainer
 

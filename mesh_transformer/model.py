@@ -5,8 +5,8 @@ with bias, and float32 softmax/LayerNorm. Layers are stacked (`hk.layer_stack`) 
 compiles once per layer, not 28 times. Model code names logical axes only; `sharding` maps them to the mesh.
 
 With a `KVCache` the same modules run incrementally for generation, unrolled over layers that each have
-their own weights (`unstack_layers`): keys and values of new tokens are written into the cache and
-attention reads every cached slot (see `GPTJ.__call__`).
+their own weights (`unstack_layers`): each row's new keys and values are written into the cache after the
+tokens that row already holds, and attention reads every cached slot (see `GPTJ.__call__`).
 
 Shape suffixes: B batch, T sequence, S cache slots, D d_model, H heads, K head dim, F d_ff, V vocab,
 L layers.
@@ -100,38 +100,44 @@ def layer_norm(name: str):
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for S slots, one array per layer. Row b's first `pad_B[b]` slots are
-    padding (prompts are right-aligned to a common length), so slot j holds position j - pad_B[b]; a forward
-    pass writes its T tokens at slots [write_index, write_index + T), the same slots in every row. The
-    layouts are the ones attention's two matmuls (batched over b, h) read in place: keys (B, H, K, S), values
-    (B, H, S, K); and one array per layer, so that no layer's cache is sliced out of (copied from) a
-    stacked one."""
+    """Keys and values of every layer for B rows of S slots, one array per layer. Row b holds the keys and
+    values of its first `length_B[b]` tokens at slots [0, length_B[b]), so a slot is a position; each row
+    grows on its own, which lets a decode batch hold requests at different points of their generation. A
+    forward pass of T tokens writes row b's at slots [length_B[b], length_B[b] + T) and advances every
+    length by T (a caller that right-pads a row sets its length back to its real tokens); slots past a row's
+    length may hold stale values, which no query attends to. The layouts are the ones attention's two
+    matmuls (batched over b, h) read in place: keys (B, H, K, S), values (B, H, S, K); and one array per
+    layer, so that no layer's cache is sliced out of (copied from) a stacked one."""
 
     k_BHKS: tuple[jax.Array, ...]
     v_BHSK: tuple[jax.Array, ...]
-    pad_B: jax.Array  # int32
-    write_index: jax.Array  # int32 scalar
+    length_B: jax.Array  # int32: tokens held by each row
 
     @classmethod
-    def empty(cls, shape: ModelShape, pad_B: jax.Array, slots: int) -> KVCache:
-        B, H, K = pad_B.shape[0], shape.n_heads, shape.head_dim
+    def empty(cls, shape: ModelShape, batch: int, slots: int) -> KVCache:
+        H, K = shape.n_heads, shape.head_dim
         dtype = jnp.dtype(shape.compute_dtype)
         return cls(
-            tuple(jnp.zeros((B, H, K, slots), dtype) for _ in range(shape.layers)),
-            tuple(jnp.zeros((B, H, slots, K), dtype) for _ in range(shape.layers)),
-            pad_B.astype(jnp.int32),
-            jnp.zeros((), jnp.int32),
+            tuple(jnp.zeros((batch, H, K, slots), dtype) for _ in range(shape.layers)),
+            tuple(jnp.zeros((batch, H, slots, K), dtype) for _ in range(shape.layers)),
+            jnp.zeros((batch,), jnp.int32),
         )
 
 
 class _LayerCache(NamedTuple):
-    """What one layer needs of the cache: its keys and values (updated in place), where the new tokens go,
-    and which slots each new token may attend to."""
+    """What one layer needs of the cache: its keys and values (updated in place), where each row's new
+    tokens go, and which slots each new token may attend to."""
 
     k_BHKS: jax.Array
     v_BHSK: jax.Array
-    write_index: jax.Array
+    length_B: jax.Array
     mask_B1TS: jax.Array  # which slots each new token may attend to
+
+
+def _write_rows(cache_BHxy: jax.Array, new_BHxy: jax.Array, start_B: jax.Array, axis: int) -> jax.Array:
+    """`new` written into `cache` along `axis` (the slot axis, 2 or 3) from each row's own start slot."""
+    at = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis - 1)  # noqa: E731
+    return jax.vmap(at)(cache_BHxy, new_BHxy.astype(cache_BHxy.dtype), start_B)
 
 
 class Block(hk.Module):
@@ -181,12 +187,8 @@ class Block(hk.Module):
             keys, values, k_spec, v_spec = k_BTHK, v_BTHK, "bshk", "bshk"
             mask = jnp.tril(jnp.ones((T, T), dtype=bool)) if mask_B1TT is None else mask_B1TT  # (T, S), S = T
         else:
-            k_BHKS = jax.lax.dynamic_update_slice(
-                cache.k_BHKS, k_BTHK.transpose(0, 2, 3, 1).astype(cd), (0, 0, 0, cache.write_index)
-            )
-            v_BHSK = jax.lax.dynamic_update_slice(
-                cache.v_BHSK, v_BTHK.transpose(0, 2, 1, 3).astype(cd), (0, 0, cache.write_index, 0)
-            )
+            k_BHKS = _write_rows(cache.k_BHKS, k_BTHK.transpose(0, 2, 3, 1), cache.length_B, axis=3)
+            v_BHSK = _write_rows(cache.v_BHSK, v_BTHK.transpose(0, 2, 1, 3), cache.length_B, axis=2)
             cache = cache._replace(k_BHKS=k_BHKS, v_BHSK=v_BHSK)
             keys, values, k_spec, v_spec, mask = k_BHKS, v_BHSK, "bhks", "bhsk", cache.mask_B1TS
         scores_BHTS = jnp.einsum(
@@ -231,8 +233,8 @@ def document_positions_and_mask(segment_ids_BT: jax.Array) -> tuple[jax.Array, j
 class GPTJ(hk.Module):
     """Token ids (B, T) -> float32 logits (B, T, V); with `segment_ids_BT`, attention stays inside documents.
 
-    With a `KVCache`: the T tokens continue each row's cached context; returns the next-token logits
-    after the last of them (B, V) and the cache holding them too."""
+    With a `KVCache`: the T tokens continue each row's cached context; returns their logits (B, T, V) and
+    the cache holding them too."""
 
     def __init__(self, shape: ModelShape, name: str = "gptj"):
         super().__init__(name=name)
@@ -265,38 +267,33 @@ class GPTJ(hk.Module):
                 layer = hk.remat(layer)
             x_BTD = hk.layer_stack(s.layers, name="layers")(layer)(x_BTD)
         else:
-            slot_T = cache.write_index + jnp.arange(T)
-            sin_BTR, cos_BTR = rotary_sin_cos(slot_T[None, :] - cache.pad_B[:, None], s.rotary_dims)
-            # A new token sees the real (non-padding) slots up to and including its own.
+            position_BT = cache.length_B[:, None] + jnp.arange(T)
+            sin_BTR, cos_BTR = rotary_sin_cos(position_BT, s.rotary_dims)
+            # A new token sees its row's slots up to and including its own (slot = position).
             slot_S = jnp.arange(cache.v_BHSK[0].shape[2])
-            mask_B1TS = (slot_S[None, None, None, :] <= slot_T[None, None, :, None]) & (
-                slot_S[None, None, None, :] >= cache.pad_B[:, None, None, None]
-            )
+            mask_B1TS = slot_S[None, None, None, :] <= position_BT[:, None, :, None]
             # Unrolled over layers, each with its own weights (see `unstack_layers`): slicing one layer out of
             # stacked weights inside the decode loop copies it on every token, which doubled the step's time.
             k_BHKS, v_BHSK = [], []
             for i in range(s.layers):
-                layer_cache = _LayerCache(cache.k_BHKS[i], cache.v_BHSK[i], cache.write_index, mask_B1TS)
+                layer_cache = _LayerCache(cache.k_BHKS[i], cache.v_BHSK[i], cache.length_B, mask_B1TS)
                 x_BTD, layer_cache = Block(s, name=f"layer_{i}")(x_BTD, sin_BTR, cos_BTR, layer_cache)
                 k_BHKS.append(layer_cache.k_BHKS)
                 v_BHSK.append(layer_cache.v_BHSK)
-            cache = cache._replace(
-                k_BHKS=tuple(k_BHKS), v_BHSK=tuple(v_BHSK), write_index=cache.write_index + T
-            )
-            x_BTD = x_BTD[:, -1:]  # only the next-token logits are wanted: the head runs on one position
+            cache = KVCache(tuple(k_BHKS), tuple(v_BHSK), cache.length_B + T)
 
         x_BTD = layer_norm("ln_f")(x_BTD)
         logits_BTV = Dense(
             s.n_vocab, stddev=1.0 / math.sqrt(s.d_model), bias=True, dtype=s.compute_dtype, name="lm_head"
         )(x_BTD)
         logits_BTV = constrain(logits_BTV, ("batch", "seq", "vocab"))
-        return logits_BTV if cache is None else (logits_BTV[:, 0], cache)
+        return logits_BTV if cache is None else (logits_BTV, cache)
 
 
 def build(shape: ModelShape) -> hk.Transformed:
     """Pure (init, apply) functions of the model; apply(params, None, tokens_BT) -> logits_BTV (pass
     segment_ids_BT= for packed documents that must not see each other), and
-    apply(unstack_layers(params), None, tokens_BT, cache) -> (next-token logits_BV, cache) for generation."""
+    apply(unstack_layers(params), None, tokens_BT, cache) -> (logits_BTV, cache) for generation."""
     return hk.transform(
         lambda tokens_BT, cache=None, segment_ids_BT=None: GPTJ(shape)(tokens_BT, cache, segment_ids_BT)
     )

@@ -16,11 +16,11 @@ from tqdm import tqdm
 from mesh_transformer import data, hf, sharding
 from mesh_transformer.checkpoint import CheckpointError, CheckpointManager
 from mesh_transformer.config import Config
+from mesh_transformer.engine import generate, sampling_mesh
 from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
 from mesh_transformer.model import ModelShape, param_count
-from mesh_transformer.sampling import generate, sampling_mesh
 from mesh_transformer.train import Trainer, TrainState
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mesh_transformer import aot, sampling, sharding
+from mesh_transformer import aot, engine, sharding
 from mesh_transformer.config import ConfigError, from_dict, load_config
 from mesh_transformer.memory import GiB, abstract_params
 from mesh_transformer.model import ModelShape, unstack_layers
@@ -51,12 +51,13 @@ def test_6B_step_compiles_for_a_v3_256_and_fits(compiled):
 
 
 def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
-    """Generation's programs for the 6B (bfloat16 weights, batch 8, 1,088 slots) on a v3-8, the model split
-    over mp 8 as in training: one weight array per layer, the cache's heads split, all of it in 16 GiB."""
+    """Generation's programs for the 6B (bfloat16 weights, 8 slots of 1,088 positions) on a v3-8, the model
+    split over mp 8 as in training: one weight array per layer, the cache's heads split, all of it in 16
+    GiB; prefilling 8 prompts of 64 tokens into the slots fits too."""
     config = shipped_config("6B_roto_256")
-    mesh = sampling.sampling_mesh(config.mp, aot.tpu_devices("v3:2x2"))
+    mesh = engine.sampling_mesh(config.mp, aot.tpu_devices("v3:2x2"))
     shape = ModelShape.from_config(config)
-    stacked = sampling.inference_params_target(shape, abstract_params(config), mesh)
+    stacked = engine.inference_params_target(shape, abstract_params(config), mesh)
     layers = jax.eval_shape(lambda p: unstack_layers(p, shape.layers), stacked)
     specs = sharding.param_specs(layers, sharding.logical_rules())
     params = jax.tree.map(
@@ -68,22 +69,32 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
     assert specs["gptj/layer_27/fc_in"]["w"] == PartitionSpec(None, "mp")
     assert params["gptj/layer_27/fc_in"]["w"].dtype == jnp.bfloat16
 
-    B, P, N = 8, 64, 1024
-    row = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=sharding.row_sharding(mesh, len(shp)))  # noqa: E731
-    i32, f32 = jnp.int32, jnp.float32
-    settings = (row((B,), f32), row((B,), i32), row((B,), f32), row((B,), i32))
-    prefill_args = (params, row((B, P), i32), row((B,), i32), row((B, 2), jnp.uint32), row((B,), jnp.uint32))
-    prefill = sampling._prefill.lower(*prefill_args, settings, shape=shape, mesh=mesh, slots=P + N).compile()
+    B, P, S = 8, 64, 1088
+    empty = engine._empty_state.lower(shape=shape, mesh=mesh, batch=B, slots=S).compile()
     state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        prefill.out_info,
-        prefill.output_shardings,
+        empty.out_info,
+        empty.output_shardings,
     )
-    assert state.cache.k_BHKS[0].shape == (B, 16, 256, P + N)
+    assert state.cache.k_BHKS[0].shape == (B, 16, 256, S)
     assert state.cache.k_BHKS[0].sharding.spec == PartitionSpec(None, "mp")
+    row = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=sharding.row_sharding(mesh, len(shp)))  # noqa: E731
+    i32, f32 = jnp.int32, jnp.float32
+    settings = (row((B,), f32), row((B,), i32), row((B,), f32), row((B,), i32), row((B,), bool))
+    programs = dict(shape=shape, mesh=mesh, vocab_size=50257, eos_id=50256)
+    arrivals = (
+        row((B, P), i32),
+        row((B,), i32),
+        row((B,), i32),
+        row((B, 2), jnp.uint32),
+        row((B,), jnp.uint32),
+    )
+    insert = engine._insert.lower(params, state, *arrivals, settings, prompt_logprobs=False, **programs)
+    memory = insert.compile().memory_analysis()
+    assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 16 * GiB
 
-    decode = sampling._decode.lower(
-        params, state, shape=shape, mesh=mesh, vocab_size=50257, eos_id=50256, steps=32
+    decode = engine._decode.lower(
+        params, state, row((B,), bool), jnp.int32(32), jnp.bool_(False), steps=32, **programs
     ).compile()
     memory = decode.memory_analysis()
     per_core = memory.argument_size_in_bytes + memory.temp_size_in_bytes

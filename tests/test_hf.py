@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GPTJForCausalLM
 from mesh_transformer import original
 from mesh_transformer.checkpoint import CheckpointManager, save_params
 from mesh_transformer.config import from_dict
+from mesh_transformer.engine import generate
 from mesh_transformer.errors import UserError
 from mesh_transformer.hf import (
     LAYERS,
@@ -31,7 +32,6 @@ from mesh_transformer.hf import (
     load_pretrained_params,
 )
 from mesh_transformer.model import ModelShape, build
-from mesh_transformer.sampling import generate
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.train import Trainer
 

@@ -9,17 +9,15 @@ import pytest
 from jax.sharding import PartitionSpec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from mesh_transformer.engine import Generator, generate, sampling_mesh
 from mesh_transformer.model import KVCache, ModelShape, build, unstack_layers
 from mesh_transformer.sampling import (
-    Generator,
     Row,
     SamplingError,
     SamplingParams,
     bucket,
     first_argmax,
-    generate,
     sample_next,
-    sampling_mesh,
 )
 from mesh_transformer.sharding import make_mesh
 
@@ -88,21 +86,27 @@ def full_logits(params, ids) -> np.ndarray:
     return np.asarray(_forward(params, None, jnp.asarray(padded)))[0, : len(ids)]
 
 
-def test_cached_logits_match_full_forward_with_left_padding(params):
+def test_cached_logits_match_full_forward_for_rows_at_their_own_positions(params):
+    """Each row of a cache grows at its own position: two rows prefilled with different (right-padded)
+    lengths, then decoded a token at a time, give the logits of a full forward pass over each row alone."""
     apply = jax.jit(build(SHAPE).apply)
     tokens = np.random.default_rng(0).integers(0, 300, (2, 14))
-    pad = np.array([0, 4])  # row 1's real tokens start at slot 4
-    cache = KVCache.empty(SHAPE, jnp.asarray(pad), 24)
+    length = np.array([8, 4])  # row 1's prompt is 4 tokens, padded to 8 like row 0's
+    cache = KVCache.empty(SHAPE, 2, 24)
     layer_params = unstack_layers(params, SHAPE.layers)
-    logits_BV, cache = apply(layer_params, None, jnp.asarray(tokens[:, :8]), cache)
-    expected = [full_logits(params, tokens[b, pad[b] :]) for b in range(2)]
+    prompt = np.where(np.arange(8) < length[:, None], tokens[:, :8], 0)
+    logits_BTV, cache = apply(layer_params, None, jnp.asarray(prompt), cache)
+    assert cache.length_B.tolist() == [8, 8]
+    cache = cache._replace(length_B=jnp.asarray(length, jnp.int32))  # the padding is not part of row 1
+    expected = [full_logits(params, tokens[b]) for b in range(2)]
     for b in range(2):
-        np.testing.assert_allclose(logits_BV[b], expected[b][7 - pad[b]], atol=1e-4, rtol=0)
-    for t in range(8, 14):
-        logits_BV, cache = apply(layer_params, None, jnp.asarray(tokens[:, t : t + 1]), cache)
+        np.testing.assert_allclose(logits_BTV[b, : length[b]], expected[b][: length[b]], atol=1e-4, rtol=0)
+    for step in range(6):
+        next_B = jnp.asarray(tokens[np.arange(2), length + step][:, None])
+        logits_BTV, cache = apply(layer_params, None, next_B, cache)
         for b in range(2):
-            np.testing.assert_allclose(logits_BV[b], expected[b][t - pad[b]], atol=1e-4, rtol=0)
-    assert int(cache.write_index) == 14
+            np.testing.assert_allclose(logits_BTV[b, 0], expected[b][length[b] + step], atol=1e-4, rtol=0)
+    assert cache.length_B.tolist() == [14, 10]
 
 
 def test_greedy_equals_argmax_of_full_forward_step_by_step(params, generator):
