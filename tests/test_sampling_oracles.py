@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from mesh_transformer.engine import Generator
 from mesh_transformer.model import ModelShape, build
-from mesh_transformer.sampling import Generator, Row, SamplingParams
+from mesh_transformer.sampling import Row, SamplingParams
 
 SHAPE = ModelShape(
     layers=2, d_model=32, n_heads=4, n_vocab=64, rotary_dims=4, compute_dtype="float32", remat="none"
