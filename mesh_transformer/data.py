@@ -27,7 +27,7 @@ from mesh_transformer.prepare import (
     read_tokenizer_file,
     source_key,
 )
-from mesh_transformer.storage import gcs_blob, is_gcs, join, open_file, path_exists
+from mesh_transformer.storage import is_gcs, join, open_file, path_exists, read_range
 
 __all__ = [
     "DataError",
@@ -81,7 +81,7 @@ class _TokenStream:
         paths = [join(dataset_dir, *s["path"].split("/")) for s in shards]
         self.remote = is_gcs(dataset_dir)
         if self.remote:
-            self.shards: list[Any] = [gcs_blob(p) for p in paths]
+            self.shards: list[Any] = paths
             self._pool = ThreadPoolExecutor(16)
         else:
             missing = [p for p in paths if not os.path.exists(p)]
@@ -106,8 +106,7 @@ class _TokenStream:
         if not self.remote:
             return self.shards[shard][lo:hi]
         size = self.dtype.itemsize
-        data = self.shards[shard].download_as_bytes(start=lo * size, end=hi * size - 1)
-        return np.frombuffer(data, self.dtype)
+        return np.frombuffer(read_range(self.shards[shard], lo * size, hi * size), self.dtype)
 
     def windows(self, offsets: np.ndarray, length: int) -> np.ndarray:
         """int32 array (len(offsets), length): tokens [o, o + length) for each offset o."""

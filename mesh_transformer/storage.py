@@ -399,12 +399,6 @@ class GcsStore(Store):
             files = [b.name[len(base) :] for b in blobs if b.name != base]
             return sorted(files), sorted(p[len(base) :].rstrip("/") for p in blobs.prefixes)
 
-    def list_sizes(self, name: str = "") -> list[tuple[str, int]]:
-        """(name relative to directory `name`, size) of every object below it, recursively, sorted."""
-        with gcs_errors(self.describe(name)):
-            base, blobs = self._listing(name, None)
-            return sorted((b.name[len(base) :], b.size or 0) for b in blobs if not b.name.endswith("/"))
-
     def size(self, name: str) -> int:
         with gcs_errors(self.describe(name)):
             blob = self._bucket().get_blob(self._key(name), retry=self._retry)
@@ -483,6 +477,14 @@ def is_file(path: str) -> bool:
 def list_dir(path: str) -> tuple[list[str], list[str]]:
     """(file names, subdirectory names) directly inside directory `path`; empty when it does not exist."""
     return Store.open(path).list()
+
+
+def list_objects(prefix: str) -> list[tuple[str, int]]:
+    """(URL, size) of every object whose gs:// URL starts with `prefix` (a partial name matches), by URL."""
+    bucket, key = split_gcs(prefix)
+    with gcs_errors(prefix):
+        blobs = _thread_client().list_blobs(bucket, prefix=key, retry=retry())
+        return sorted((f"gs://{bucket}/{b.name}", b.size or 0) for b in blobs if not b.name.endswith("/"))
 
 
 def delete(path: str) -> None:
