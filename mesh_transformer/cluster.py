@@ -103,6 +103,8 @@ def check_options(config: Config, cluster: ClusterOptions) -> None:
         )
     if cluster.max_restarts < 0:
         raise ClusterError(f"--max-restarts {cluster.max_restarts}: expected 0 or more")
+    if cluster.backoff_s < 0:
+        raise ClusterError(f"--restart-backoff {cluster.backoff_s:g}: expected 0 or more seconds")
     if hosts < 1:
         raise ClusterError(f"--hosts {hosts}: expected a positive number of hosts")
     if config.tpu_size % hosts or (config.tpu_size // hosts) % config.mp:
@@ -486,22 +488,15 @@ def _run_group(
         ray.get(reporter.drain.remote())  # reports of an earlier group must not count as progress
         group.start(config, options, reporter, fault, cluster.startup_timeout_s)
         results: dict[int, dict] = {}
-        last_report, started = time.monotonic(), False
-        busy: dict[int, str] = {}  # hosts doing something other than train steps, and what
+        watch = _Watch(cluster.step_timeout_s, cluster.startup_timeout_s)
         while len(results) < cluster.hosts:
             done, _ = ray.wait(
                 [r for i, r in enumerate(group.refs) if i not in results], num_returns=1, timeout=_POLL_S
             )
             # news first, so that a failure below is reported with the latest step
             for process_id, metrics in ray.get(reporter.drain.remote(), timeout=60):
-                last_report = time.monotonic()
-                if "phase" in metrics:
-                    busy.pop(process_id, None)
-                    if metrics["phase"] != "train":
-                        busy[process_id] = metrics["phase"]
-                    continue
-                started = True
-                if process_id == 0:
+                watch.report(process_id, metrics, time.monotonic())
+                if process_id == 0 and "step" in metrics:
                     outcome.last_step = metrics["step"]
                     bar.n = metrics["step"]
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
@@ -517,13 +512,9 @@ def _run_group(
                         raise e.cause from None  # the user's input is wrong: restarting cannot help
                     outcome.reason = f"host {host} ({group.where[host]}) failed: {_first_line(e.cause or e)}"
                     return outcome
-            # The step timeout times train steps only: start-up, evaluations and saves get the long limit.
-            limit = cluster.step_timeout_s if started and not busy else cluster.startup_timeout_s
-            if time.monotonic() - last_report > limit:
-                what = f"after step {outcome.last_step}" if started else "before the first step"
-                if busy:
-                    what += " (" + ", ".join(f"host {h}: {p}" for h, p in sorted(busy.items())) + ")"
-                outcome.reason = f"no step finished for {limit:.0f} s {what}: the group hung"
+            hung = watch.hung(time.monotonic())
+            if hung:
+                outcome.reason = hung
                 return outcome
         outcome.metrics = results[0]
         return outcome
@@ -536,6 +527,38 @@ def _run_group(
     finally:
         if group is not None:
             group.stop()
+
+
+class _Watch:
+    """Decides from the hosts' reports whether a group hangs. The step timeout times train steps only: until
+    the first step (start-up, restore, compilation) and while any host evaluates, saves a checkpoint or
+    samples, the start-up limit applies instead."""
+
+    def __init__(self, step_timeout_s: float, startup_timeout_s: float) -> None:
+        self.step_timeout_s, self.startup_timeout_s = step_timeout_s, startup_timeout_s
+        self.last_report = time.monotonic()
+        self.last_step: int | None = None
+        self.busy: dict[int, str] = {}  # hosts doing something other than train steps, and what
+
+    def report(self, process_id: int, metrics: dict, now: float) -> None:
+        self.last_report = now
+        if "phase" in metrics:
+            self.busy.pop(process_id, None)
+            if metrics["phase"] != "train":
+                self.busy[process_id] = metrics["phase"]
+        elif process_id == 0 or self.last_step is None:
+            self.last_step = metrics["step"]
+
+    def hung(self, now: float) -> str | None:
+        """Why the group counts as hung at `now`, or None."""
+        started = self.last_step is not None
+        limit = self.step_timeout_s if started and not self.busy else self.startup_timeout_s
+        if now - self.last_report <= limit:
+            return None
+        what = f"after step {self.last_step}" if started else "before the first step"
+        if self.busy:
+            what += " (" + ", ".join(f"host {h}: {p}" for h, p in sorted(self.busy.items())) + ")"
+        return f"no step finished for {limit:.0f} s {what}: the group hung"
 
 
 def _first_line(error: BaseException) -> str:

@@ -179,11 +179,11 @@ class MetricsLog:
         if not self.enabled:
             return
         with self._lock:
-            self._flush()
+            if self._tensorboard is not None:
+                self._tensorboard.flush()
+            self._flush_lines()
 
-    def _flush(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.flush()
+    def _flush_lines(self) -> None:
         if self._local or not self._pending:
             return
         name = f"{self._session}-{self._segments:06d}.jsonl"
@@ -196,7 +196,7 @@ class MetricsLog:
             return
         with self._lock:
             try:
-                self._flush()
+                self._flush_lines()
             finally:
                 self.enabled = False
                 if self._local:
@@ -213,13 +213,17 @@ class _TensorBoard:
 
     def __init__(self, logdir: str) -> None:
         self.logdir, self.remote = logdir, storage.is_gcs(logdir)
+        self.files = 0
         self._open()
 
     def _open(self) -> None:
         from tensorboardX import SummaryWriter
 
         self.local_dir = tempfile.mkdtemp(prefix="tensorboard-") if self.remote else self.logdir
-        self.writer = SummaryWriter(logdir=self.local_dir)
+        # tensorboardX names files by the second and host: a suffix keeps two files of one second apart
+        suffix = f".{os.getpid()}.{self.files:06d}" if self.remote else ""
+        self.writer = SummaryWriter(logdir=self.local_dir, filename_suffix=suffix)
+        self.files += 1
 
     def flush(self) -> None:
         if not self.remote:

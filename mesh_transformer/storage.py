@@ -27,6 +27,8 @@ from mesh_transformer.errors import InfrastructureError, UserError
 RETRY_DEADLINE_S = 600.0
 # Resumable uploads send this much per request; it bounds a writer's buffer.
 UPLOAD_CHUNK_BYTES = 64 * 1024 * 1024
+# Objects up to this size are uploaded in one request from memory.
+SINGLE_REQUEST_BYTES = 8 * 1024 * 1024
 
 
 class StorageError(UserError):
@@ -361,8 +363,16 @@ class GcsStore(Store):
     def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
         where = self.describe(name)
         _check_injected(where)
-        blob = self._blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
         # An object becomes visible only when its upload completes, so a failed write leaves nothing behind.
+        small = (
+            isinstance(chunks, (list, tuple))
+            and sum(memoryview(c).nbytes for c in chunks) <= SINGLE_REQUEST_BYTES
+        )
+        if small:  # one request (a resumable upload takes three or more)
+            with gcs_errors(where):
+                self._blob(name).upload_from_string(b"".join(chunks), retry=self._retry)
+            return
+        blob = self._blob(name, chunk_size=UPLOAD_CHUNK_BYTES)
         with gcs_errors(where), blob.open("wb", retry=self._retry, ignore_flush=True) as f:
             for chunk in chunks:
                 f.write(chunk)
