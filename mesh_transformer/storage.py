@@ -510,7 +510,9 @@ def upload_file(local_path: str, url: str) -> None:
             while chunk := f.read(UPLOAD_CHUNK_BYTES):
                 yield chunk
 
-    write_bytes(url, chunks())
+    with _local_errors(local_path):
+        small = os.path.getsize(local_path) <= SINGLE_REQUEST_BYTES
+    write_bytes(url, list(chunks()) if small else chunks())
 
 
 def open_file(path: str, mode: str = "rb") -> Any:
