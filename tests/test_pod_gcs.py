@@ -246,3 +246,46 @@ def test_two_hosts_recover_from_a_lost_host_and_a_failed_save_bit_identical(buck
     assert elapsed < 400, elapsed  # no host waited out a 30-minute barrier
     assert step_files(model_dir, RAY_STEPS) == step_files(reference, RAY_STEPS)
     assert losses(model_dir) == losses(reference)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["device_train.py", "--config", f"gs://{BUCKET}/missing.json"],
+            f"config file not found: gs://{BUCKET}/",
+        ),
+        (
+            [
+                "device_train.py",
+                "--config",
+                "{tiny}",
+                "--model-dir",
+                "gs://no-such-bucket/run",
+                "--data",
+                DATA,
+            ],
+            "gs://no-such-bucket/run: bucket 'no-such-bucket' does not exist; check the gs:// path",
+        ),
+        (
+            [
+                "to_hf_weights.py",
+                "--config",
+                "{tiny}",
+                "--ckpt",
+                f"gs://{BUCKET}/nothing",
+                "--output-path",
+                "x",
+            ],
+            f"gs://{BUCKET}/nothing: no checkpoint found",
+        ),
+    ],
+)
+def test_a_gs_path_that_does_not_exist_is_one_line_naming_it(bucket, args, message):
+    args = [a.replace("{tiny}", str(bucket / "tiny.json")) for a in args]
+    done = subprocess.run(
+        command(*args), cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1, done.stderr[-3000:]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}"), line
