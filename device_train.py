@@ -47,6 +47,12 @@ def parse_args() -> argparse.Namespace:
     ray.add_argument(
         "--max-restarts", type=int, default=5, help="consecutive restarts without a new checkpoint"
     )
+    ray.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=10.0,
+        help="seconds to wait before the first restart; doubles with each consecutive failure",
+    )
     return p.parse_args()
 
 
@@ -93,6 +99,7 @@ def main() -> None:
             actor_resources=cluster.parse_resources(args.actor_resources),
             step_timeout_s=args.step_timeout,
             max_restarts=args.max_restarts,
+            backoff_s=args.restart_backoff,
         )
         cluster.train(config, options, cluster_options)
         return

@@ -18,6 +18,11 @@ from typing import Any
 # when JAX is first imported) and its one-process-per-host lock (held by any other process that loaded it).
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Nor is this host part of a pod: without these, libtpu's start-up guesses at the pod's hosts and this host's
+# place in it and prints errors (`Failed to find host bounds`, `TPU_WORKER_HOSTNAMES`). The compiled target
+# is the topology named, whatever they say.
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+os.environ.setdefault("TPU_HOST_BOUNDS", "1,1,1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

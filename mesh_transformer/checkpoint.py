@@ -21,13 +21,12 @@ import functools
 import json
 import os
 import re
-import shutil
 import struct
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from mesh_transformer.errors import UserError
-from mesh_transformer.storage import StorageError, new_gcs_client, split_gcs
+from mesh_transformer.errors import InfrastructureError, UserError
+from mesh_transformer.storage import StorageError, Store
 
 FORMAT = "mesh_transformer.checkpoint/1"
 METADATA_FILE = "checkpoint.json"
@@ -73,7 +72,21 @@ _NUMPY_DTYPES = {code: name for name, code in _SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointError(UserError):
-    """A checkpoint cannot be written or read; the message names the file and the problem."""
+    """A checkpoint cannot be written or read as asked (a bad path, a damaged or mismatched checkpoint); the
+    message names the file and the problem."""
+
+
+class CheckpointSaveError(InfrastructureError):
+    """A save failed because storage or a process failed; it stays uncommitted, and the last committed
+    checkpoint is where a restarted run resumes."""
+
+
+def _open_store(url: str) -> Store:
+    """The directory of a checkpoint or model_dir, local or gs:// (see storage.Store)."""
+    try:
+        return Store.open(url)
+    except StorageError as e:
+        raise CheckpointError(f"checkpoint path {e}") from None
 
 
 def _np_dtype(name: str) -> np.dtype:
@@ -90,202 +103,6 @@ def _aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = -raw.ctypes.data % _ALIGN
     return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Storage: a directory on local disk or in a GCS bucket.
-# --------------------------------------------------------------------------------------------------------
-
-
-class _Store:
-    """A directory addressed by URL; names below it are '/'-separated relative paths."""
-
-    url: str
-
-    @staticmethod
-    def open(url: str) -> _Store:
-        if not url:
-            raise CheckpointError("checkpoint path is empty; expected a local directory or gs://bucket/path")
-        if url.startswith("gs://"):
-            return _GcsStore(url)
-        return _LocalStore(url)
-
-    def describe(self, name: str) -> str:
-        return f"{self.url.rstrip('/')}/{name}" if name else self.url
-
-    # Interface implemented by both stores.
-    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
-        raise NotImplementedError
-
-    def read(self, name: str) -> bytes:
-        """The whole file; FileNotFoundError when it does not exist."""
-        raise NotImplementedError
-
-    def read_aligned(self, name: str) -> np.ndarray:
-        """The whole file as uint8 starting on an `_ALIGN`-byte boundary; FileNotFoundError if absent."""
-        raw = self.read(name)
-        out = _aligned_empty((len(raw),), np.uint8)
-        out[:] = np.frombuffer(raw, np.uint8)
-        return out
-
-    def exists(self, name: str) -> bool:
-        raise NotImplementedError
-
-    def subdirs(self) -> list[str]:
-        raise NotImplementedError
-
-    def delete(self, name: str) -> None:
-        raise NotImplementedError
-
-    def delete_dir(self, name: str) -> None:
-        raise NotImplementedError
-
-    def sync_dir(self, name: str) -> None:
-        """Make the directory entries written so far durable (a no-op where writes are atomic objects)."""
-
-    def remove_partial(self, name: str) -> None:
-        """Delete what interrupted writes left in directory `name` (nothing where uploads are atomic)."""
-
-
-class _LocalStore(_Store):
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.root = os.path.abspath(url)
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.root, *name.split("/")) if name else self.root
-
-    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
-        path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Write under a temporary name and rename, so a reader never sees half a file under the real name.
-        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in chunks:
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def read(self, name: str) -> bytes:
-        with open(self._path(name), "rb") as f:
-            return f.read()
-
-    def read_aligned(self, name: str) -> np.ndarray:
-        with open(self._path(name), "rb") as f:
-            out = _aligned_empty((os.fstat(f.fileno()).st_size,), np.uint8)
-            f.readinto(memoryview(out))
-            return out
-
-    def exists(self, name: str) -> bool:
-        return os.path.exists(self._path(name))
-
-    def subdirs(self) -> list[str]:
-        if not os.path.isdir(self.root):
-            return []
-        return [d for d in os.listdir(self.root) if os.path.isdir(os.path.join(self.root, d))]
-
-    def delete(self, name: str) -> None:
-        try:
-            os.remove(self._path(name))
-        except FileNotFoundError:
-            pass
-
-    def delete_dir(self, name: str) -> None:
-        shutil.rmtree(self._path(name), ignore_errors=True)
-
-    def remove_partial(self, name: str) -> None:
-        for entry in os.listdir(self._path(name)):
-            if ".tmp-" in entry:  # a write that a killed process left half done
-                os.remove(os.path.join(self._path(name), entry))
-
-    def sync_dir(self, name: str) -> None:
-        fd = os.open(self._path(name), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _gcs_retry():
-    """Exponential backoff on GCS's transient errors (429, 5xx, connection resets) for every request."""
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
-    return DEFAULT_RETRY.with_delay(initial=0.5, multiplier=2.0, maximum=30.0).with_timeout(600.0)
-
-
-class _GcsStore(_Store):
-    # Resumable uploads send this much per request; it bounds the writer's buffer.
-    CHUNK_BYTES = 64 * 1024 * 1024
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        try:
-            bucket, prefix = split_gcs(url)
-        except StorageError as e:
-            raise CheckpointError(f"checkpoint path {e}") from None
-        self.bucket_name = bucket
-        self.prefix = prefix.strip("/")
-        self._local = threading.local()  # one client per thread: HTTP sessions are not shared across threads
-        self._retry = _gcs_retry()
-
-    def _bucket(self):
-        bucket = getattr(self._local, "bucket", None)
-        if bucket is None:
-            client = new_gcs_client()
-            bucket = self._local.bucket = client.bucket(self.bucket_name)
-        return bucket
-
-    def _key(self, name: str) -> str:
-        return f"{self.prefix}/{name}" if self.prefix else name
-
-    def write(self, name: str, chunks: Iterable[bytes | memoryview]) -> None:
-        blob = self._bucket().blob(self._key(name), chunk_size=self.CHUNK_BYTES)
-        # An object becomes visible only when its upload completes, so a failed write leaves nothing behind.
-        with blob.open("wb", retry=self._retry, ignore_flush=True) as f:
-            for chunk in chunks:
-                f.write(chunk)
-
-    def read(self, name: str) -> bytes:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            return self._bucket().blob(self._key(name)).download_as_bytes(retry=self._retry)
-        except NotFound:
-            raise FileNotFoundError(self.describe(name)) from None
-
-    def exists(self, name: str) -> bool:
-        return self._bucket().blob(self._key(name)).exists(retry=self._retry)
-
-    def subdirs(self) -> list[str]:
-        bucket = self._bucket()
-        base = f"{self.prefix}/" if self.prefix else ""
-        blobs = bucket.client.list_blobs(bucket, prefix=base, delimiter="/", retry=self._retry)
-        for _ in blobs.pages:  # prefixes fill in as pages are read
-            pass
-        return [p[len(base) :].rstrip("/") for p in blobs.prefixes]
-
-    def delete(self, name: str) -> None:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            self._bucket().blob(self._key(name)).delete(retry=self._retry)
-        except NotFound:
-            pass
-
-    def delete_dir(self, name: str) -> None:
-        from google.api_core.exceptions import NotFound
-
-        bucket = self._bucket()
-        for blob in bucket.client.list_blobs(bucket, prefix=self._key(name) + "/", retry=self._retry):
-            try:
-                blob.delete(retry=self._retry)
-            except NotFound:
-                pass
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -476,27 +293,43 @@ def _copy_pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="checkpoint-copy")
 
 
+def _coordination_client() -> Any:
+    # The coordination service (barriers, a key-value store) is what jax's own array serialization uses from
+    # its writer threads; sync_global_devices would launch a collective that could interleave with the
+    # training step's.
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
 def _barrier(name: str) -> None:
     """Wait until every process reaches `name`; safe from a background thread (no device computation)."""
     if jax.process_count() == 1:
         return
-    # The coordination service barrier is what jax's own array serialization uses from its writer threads;
-    # sync_global_devices would launch a collective that could interleave with the training step's.
-    from jax._src import distributed
+    try:
+        _coordination_client().wait_at_barrier(name, timeout_in_ms=_BARRIER_TIMEOUT_MS)
+    except Exception as e:  # DEADLINE_EXCEEDED, or the coordination service is gone with a peer
+        raise CheckpointSaveError(
+            f"not every process reached checkpoint barrier {name} within {_BARRIER_TIMEOUT_MS // 60000} "
+            f"minutes ({str(e).strip().splitlines()[0][:200]})"
+        ) from e
 
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=_BARRIER_TIMEOUT_MS)
+
+def _gather_failures(name: str, failure: BaseException | None) -> list[tuple[int, str]]:
+    """Post this process's outcome under `name`, wait for every process, and return (process, message) of
+    each that failed. A process whose write failed still arrives, so that nobody waits for it in vain."""
+    mine = "" if failure is None else f"{type(failure).__name__}: {str(failure).strip()[:500]}"
+    if jax.process_count() == 1:
+        return [(0, mine)] if failure is not None else []
+    client = _coordination_client()
+    prefix = f"mesh_transformer/checkpoint/{zlib.crc32(name.encode()):08x}/"
+    client.key_value_set(prefix + str(jax.process_index()), "failed: " + mine if failure else "ok")
+    _barrier(name)
+    statuses = {int(key.rsplit("/", 1)[1]): value for key, value in client.key_value_dir_get(prefix)}
+    return sorted((p, v.removeprefix("failed: ")) for p, v in statuses.items() if v != "ok")
 
 
-def _write_checkpoint(
-    store: _Store,
-    directory: str,
-    pieces: Iterable[_Piece],
-    records: list[dict],
-    metadata: dict,
-    barrier_name: str,
-) -> None:
-    """Write this process's pieces, wait for every process, then (process 0) the metadata and the marker."""
-
+def _write_pieces(store: Store, directory: str, pieces: Iterable[_Piece], records: list[dict]) -> None:
     def write_piece(p: _Piece) -> None:
         chunks = _encode_piece(
             p.array, records[p.leaf]["path"], tuple(map(tuple, records[p.leaf]["boxes"][p.piece]))
@@ -516,20 +349,48 @@ def _write_checkpoint(
             pending.add(pool.submit(write_piece, piece))
         for f in concurrent.futures.as_completed(pending):
             f.result()
-    _barrier(barrier_name + ":written")
+
+
+def _write_checkpoint(
+    store: Store,
+    directory: str,
+    pieces: Iterable[_Piece],
+    records: list[dict],
+    metadata: dict,
+    barrier_name: str,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
+    """Write this process's pieces; then every process posts whether that worked, and process 0 writes the
+    metadata and the marker only if every process did (after `before_commit`, e.g. flushing the log)."""
+    failure: BaseException | None = None
     try:
-        if jax.process_index() == 0:
+        _write_pieces(store, directory, pieces, records)
+    except Exception as e:  # reported to the peers below, then raised
+        failure = e
+    failed = _gather_failures(barrier_name + ":written", failure)
+    try:
+        if jax.process_index() == 0 and not failed:
             store.remove_partial(directory)  # every process has finished writing: leftovers are stale
             body = dict(metadata, format=FORMAT, leaves=records)
             store.write(_join(directory, METADATA_FILE), [json.dumps(body, indent=1).encode()])
             store.sync_dir(directory)
+            if before_commit is not None:
+                before_commit()
             store.write(_join(directory, COMMIT_MARKER), [b""])
             store.sync_dir(directory)
     finally:
         # Every process returns only once the marker is down (or its write failed): `wait` means committed.
         _barrier(barrier_name + ":committed")
+    if failure is not None:
+        raise failure
+    if failed:
+        process, message = failed[0]
+        raise CheckpointSaveError(
+            f"{store.describe(directory)}: process {process} failed to write its pieces ({message}); "
+            "the checkpoint was not committed"
+        )
     if jax.process_index() != 0 and not store.exists(_join(directory, COMMIT_MARKER)):
-        raise CheckpointError(f"{store.describe(directory)}: process 0 failed to commit the checkpoint")
+        raise CheckpointSaveError(f"{store.describe(directory)}: process 0 failed to commit the checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -537,7 +398,7 @@ def _write_checkpoint(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _read_metadata(store: _Store, directory: str) -> dict:
+def _read_metadata(store: Store, directory: str) -> dict:
     where = store.describe(_join(directory, METADATA_FILE))
     if not store.exists(_join(directory, COMMIT_MARKER)):
         raise CheckpointError(f"{store.describe(directory)}: not a committed checkpoint (no {COMMIT_MARKER})")
@@ -566,13 +427,13 @@ def _saved_boxes(record: dict) -> list[Box]:
     return [tuple(tuple(b) for b in box) for box in record["boxes"]]
 
 
-def _read_piece(store: _Store, directory: str, i: int, record: dict, j: int) -> np.ndarray:
+def _read_piece(store: Store, directory: str, i: int, record: dict, j: int) -> np.ndarray:
     """Piece `j` of leaf `i` (described by `record`), read whole and verified."""
     box = _saved_boxes(record)[j]
     name = _join(directory, _piece_name(i, j))
     where = store.describe(name)
     try:
-        raw = store.read_aligned(name)
+        raw = store.read_into(name, lambda size: _aligned_empty((size,), np.uint8))
     except FileNotFoundError:
         raise CheckpointError(
             f"{where}: missing (piece {box} of {record['path']}); checkpoint damaged"
@@ -587,7 +448,7 @@ class _PieceLoader:
     """
 
     def __init__(
-        self, store: _Store, directory: str, records: list[dict], plan: list[tuple[int, int]]
+        self, store: Store, directory: str, records: list[dict], plan: list[tuple[int, int]]
     ) -> None:
         self.store, self.directory, self.records = store, directory, records
         self._plan = iter(plan)
@@ -703,7 +564,7 @@ def _assemble_leaf(
 
 
 def _restore_tree(
-    store: _Store,
+    store: Store,
     directory: str,
     meta: dict,
     target: Any,
@@ -781,7 +642,7 @@ class CheckpointManager:
             raise CheckpointError(f"keep_every={keep_every}: expected a positive step interval or None")
         self.model_dir = model_dir
         self.keep_n, self.keep_every = keep_n, keep_every
-        self._store = _Store.open(model_dir)
+        self._store = _open_store(model_dir)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._saves = 0  # makes every barrier name unique within this process's lifetime
@@ -789,8 +650,20 @@ class CheckpointManager:
         self._preparing: threading.Thread | None = None
         self.last_blocked_s = 0.0  # how long the last `save` held up its caller
 
-    def save(self, step: int, state: Any, extra: dict) -> None:
-        """Start saving `state` as step `step`; returns once host copies are taken. `extra` must be JSON."""
+    def save(
+        self,
+        step: int,
+        state: Any,
+        extra: dict,
+        *,
+        before_commit: Callable[[], None] | None = None,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """Start saving `state` as step `step`; returns once host copies are taken. `extra` must be JSON.
+
+        In process 0, `before_commit()` runs once every process has written its pieces and just before the
+        marker (an error there leaves the checkpoint uncommitted), and `on_commit(step, seconds)` runs in
+        the writer thread once the checkpoint is committed (`seconds` since this call)."""
         started = time.perf_counter()
         self.wait()
         if self._preparing is not None:
@@ -806,24 +679,24 @@ class CheckpointManager:
         self._saves += 1
         barrier = f"checkpoint:{self.model_dir}:{step}:{self._saves}"
         metadata = {"step": int(step), "extra": extra_json, "process_count": jax.process_count()}
-        self._thread = threading.Thread(
-            target=self._write, args=(step, pieces, records, metadata, barrier), name=f"checkpoint-{step}"
-        )
+
+        def write() -> None:
+            try:
+                if self._store.exists(f"step_{step}/{COMMIT_MARKER}"):
+                    return  # already durable; rewriting a committed checkpoint could only risk damaging it
+                _write_checkpoint(
+                    self._store, f"step_{step}", pieces, records, metadata, barrier, before_commit
+                )
+                if jax.process_index() == 0:
+                    if on_commit is not None:
+                        on_commit(step, time.perf_counter() - started)
+                    self._apply_retention()
+            except BaseException as e:  # re-raised in the caller's thread by wait()
+                self._error = e
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}")
         self._thread.start()
         self.last_blocked_s = time.perf_counter() - started
-
-    def _write(
-        self, step: int, pieces: list[_Piece], records: list[dict], metadata: dict, barrier: str
-    ) -> None:
-        try:
-            if self._store.exists(f"step_{step}/{COMMIT_MARKER}"):
-                return  # already durable; rewriting a committed checkpoint could only risk damaging it
-            _write_checkpoint(self._store, f"step_{step}", pieces, records, metadata, barrier)
-            del pieces
-            if jax.process_index() == 0:
-                self._apply_retention()
-        except BaseException as e:  # re-raised in the caller's thread by wait()
-            self._error = e
 
     def prepare(self, state: Any) -> None:
         """Map the host buffers that saves of `state`'s structure will copy into, in a background thread, so
@@ -842,13 +715,19 @@ class CheckpointManager:
         self._preparing.start()
 
     def wait(self) -> None:
-        """Block until the pending save is committed; raise CheckpointError if it failed."""
+        """Block until the pending save is committed. A failed save raises CheckpointError when the path
+        cannot be used (the user's to fix), CheckpointSaveError when storage or a process failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"saving a checkpoint to {self.model_dir} failed: {error}") from error
+            message = f"saving a checkpoint to {self.model_dir} failed: {error}"
+            if isinstance(error, UserError):
+                raise CheckpointError(message) from error
+            if isinstance(error, InfrastructureError):
+                raise CheckpointSaveError(message) from error
+            raise error
 
     def _step_dirs(self) -> dict[int, str]:
         return {int(m.group(1)): d for d in self._store.subdirs() if (m := _STEP_DIR.match(d))}
@@ -893,9 +772,9 @@ class CheckpointManager:
         return _restore_tree(self._store, directory, meta, target, cast=False), meta["extra"]
 
 
-def _resolve(path: str) -> tuple[_Store, str]:
+def _resolve(path: str) -> tuple[Store, str]:
     """A checkpoint directory, or the newest committed step of a model_dir, as (store, subdirectory)."""
-    store = _Store.open(path)
+    store = _open_store(path)
     if store.exists(METADATA_FILE) or store.exists(COMMIT_MARKER):
         return store, ""
     step = CheckpointManager(path).latest_step()
@@ -909,7 +788,7 @@ def _resolve(path: str) -> tuple[_Store, str]:
 
 def save_params(path: str, params: Any, dtype: Any = None) -> None:
     """Write `params` alone (cast to `dtype` if given) as a committed checkpoint directory at `path`."""
-    store = _Store.open(path)
+    store = _open_store(path)
     if store.exists(COMMIT_MARKER):
         raise CheckpointError(
             f"{path}: already holds a checkpoint; choose a new path rather than overwrite it"
@@ -972,7 +851,7 @@ def slim_checkpoint(src: str, dst: str, dtype: str = "bfloat16") -> int:
         raise CheckpointError(f"slim dtype {dtype!r}: expected bfloat16, float16 or float32")
     store, directory = _resolve(src)
     meta = _read_metadata(store, directory)
-    out = _Store.open(dst)
+    out = _open_store(dst)
     if out.exists(COMMIT_MARKER):
         raise CheckpointError(
             f"{dst}: already holds a checkpoint; choose a new path rather than overwrite it"

@@ -21,9 +21,11 @@ from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
 from mesh_transformer.run import RunOptions, training_data
 
-# Test hook: "KIND:HOST@STEP" makes host HOST die (SIGKILL) or hang after step STEP, in the first group only.
+# Test hook: "KIND:HOST@STEP" makes host HOST die (SIGKILL) or hang after step STEP, or (KIND "storage") fail
+# to write its pieces of the step-STEP checkpoint as GCS does once its retries run out. A comma-separated
+# list strikes one group each: the first fault the first group, the second the group that replaced it, ...
 FAULT_ENV = "MESH_TRANSFORMER_FAULT"
-_FAULT = re.compile(r"^(die|hang):(\d+)@(\d+)$")
+_FAULT = re.compile(r"^(die|hang|storage):(\d+)@(\d+)$")
 _POLL_S = 1.0  # how often the driver looks at the actors and their reports
 _INTERRUPT_GRACE_S = 30.0  # after Ctrl-C, how long tearing the group down may take before the driver kills it
 # An HTTP/2 client's opening: the fixed preface and an empty SETTINGS frame.
@@ -42,8 +44,10 @@ class ClusterOptions:
     # Custom resources every actor needs, e.g. {"tpu": 1} when each TPU host was started with
     # `ray start --resources='{"tpu": 1}'`. On a multi-node cluster actors are also spread one per node.
     actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    step_timeout_s: float = 900.0  # no step finished for this long (once one has): the group is hung
-    startup_timeout_s: float = 3600.0  # start, restore, compile and first step of a fresh group
+    step_timeout_s: float = 900.0  # no train step finished for this long (once one has): the group is hung
+    # start, restore, compile and first step of a fresh group; also each evaluation, checkpoint save and
+    # sample, which the step timeout does not count
+    startup_timeout_s: float = 3600.0
     placement_timeout_s: float = 900.0  # waiting for hosts to (re)appear in the cluster
     max_restarts: int = 5  # consecutive failed groups that committed no new checkpoint
     backoff_s: float = 10.0  # before the first restart; doubles with each consecutive failure
@@ -53,20 +57,23 @@ class ClusterOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Fault:
-    kind: str  # "die" or "hang"
+    kind: str  # "die", "hang" or "storage"
     host: int
     step: int
 
     @staticmethod
-    def parse(spec: str | None, hosts: int) -> Fault | None:
-        if not spec:
-            return None
-        m = _FAULT.match(spec.strip())
-        if not m or int(m.group(2)) >= hosts:
-            raise ClusterError(
-                f"{FAULT_ENV}={spec!r}: expected die:HOST@STEP or hang:HOST@STEP with HOST < {hosts}"
-            )
-        return Fault(m.group(1), int(m.group(2)), int(m.group(3)))
+    def parse(spec: str | None, hosts: int) -> list[Fault]:
+        """The faults of `spec`, one per group in order (see FAULT_ENV)."""
+        faults = []
+        for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+            m = _FAULT.match(item)
+            if not m or int(m.group(2)) >= hosts:
+                raise ClusterError(
+                    f"{FAULT_ENV}={spec!r}: expected KIND:HOST@STEP[,KIND:HOST@STEP...] with KIND die, hang "
+                    f"or storage and HOST < {hosts}"
+                )
+            faults.append(Fault(m.group(1), int(m.group(2)), int(m.group(3))))
+        return faults
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -96,6 +103,8 @@ def check_options(config: Config, cluster: ClusterOptions) -> None:
         )
     if cluster.max_restarts < 0:
         raise ClusterError(f"--max-restarts {cluster.max_restarts}: expected 0 or more")
+    if cluster.backoff_s < 0:
+        raise ClusterError(f"--restart-backoff {cluster.backoff_s:g}: expected 0 or more seconds")
     if hosts < 1:
         raise ClusterError(f"--hosts {hosts}: expected a positive number of hosts")
     if config.tpu_size % hosts or (config.tpu_size // hosts) % config.mp:
@@ -118,7 +127,8 @@ def check_options(config: Config, cluster: ClusterOptions) -> None:
 
 
 class _Reporter:
-    """Collects what the actors report (fire-and-forget calls) until the driver drains it."""
+    """Collects what the actors report (fire-and-forget calls) until the driver drains it: each step's
+    metrics, and {"phase": name} when a host turns to work that is not a train step ("train" when back)."""
 
     def __init__(self) -> None:
         self.records: list[tuple[int, dict]] = []
@@ -153,9 +163,12 @@ class HostWorker:
     def train(
         self, coordinator: str, config: Config, options: RunOptions, reporter: Any, fault: Fault | None
     ) -> dict:
+        from mesh_transformer.platforms import skip_absent_tpu
+
+        skip_absent_tpu()
         import jax
 
-        from mesh_transformer import run
+        from mesh_transformer import run, storage
         from mesh_transformer.config import check_device_count
 
         # Order matters: devices and collectives are configured before the backend starts (REFERENCE 8).
@@ -174,18 +187,25 @@ class HostWorker:
                 f"tpu_size / hosts = {self.local_devices}"
             )
 
+        mine = fault if fault is not None and fault.host == self.process_id else None
+        if mine is not None and mine.kind == "storage":
+            storage.inject_write_failure(f"/step_{mine.step}/")
+
         def on_step(metrics: dict) -> None:
             reporter.report.remote(self.process_id, metrics)
-            if fault and fault.host == self.process_id and fault.step == metrics["step"]:
-                if fault.kind == "die":
+            if mine is not None and mine.kind in ("die", "hang") and mine.step == metrics["step"]:
+                if mine.kind == "die":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(10**6)  # "hang": only the driver's step timeout ends this
 
+        def on_phase(name: str) -> None:
+            reporter.report.remote(self.process_id, {"phase": name})
+
         prompt = options.sample_prompt
-        metrics = run.train(
-            config, dataclasses.replace(options, progress=False, on_step=on_step, sample_prompt=None)
-        )
+        hooks = dict(progress=False, on_step=on_step, on_phase=on_phase, sample_prompt=None)
+        metrics = run.train(config, dataclasses.replace(options, **hooks))
         if prompt is not None and self.process_id == 0:
+            on_phase("sample")
             metrics = dict(metrics, sample=self._sample(config, options, prompt))
         return metrics
 
@@ -333,15 +353,15 @@ class _Outcome:
 def train(config: Config, options: RunOptions, cluster: ClusterOptions) -> dict:
     """Train on `cluster.hosts` Ray actors; returns the last step's metrics. Restarts the group on failure."""
     check_options(config, cluster)
-    fault = Fault.parse(
+    faults = Fault.parse(
         cluster.fault if cluster.fault is not None else os.environ.get(FAULT_ENV), cluster.hosts
     )
     connect(cluster.ray_address, cluster.hosts)
     with _bounded_interrupt(_INTERRUPT_GRACE_S):
-        return _train(config, options, cluster, fault)
+        return _train(config, options, cluster, faults)
 
 
-def _train(config: Config, options: RunOptions, cluster: ClusterOptions, fault: Fault | None) -> dict:
+def _train(config: Config, options: RunOptions, cluster: ClusterOptions, faults: list[Fault]) -> dict:
     import ray
     from tqdm import tqdm
 
@@ -369,7 +389,7 @@ def _train(config: Config, options: RunOptions, cluster: ClusterOptions, fault: 
                 cluster,
                 spread,
                 reporter,
-                fault if attempt == 0 else None,
+                faults[attempt] if attempt < len(faults) else None,
                 bar,
                 attempt == 0,
             )
@@ -468,15 +488,15 @@ def _run_group(
         ray.get(reporter.drain.remote())  # reports of an earlier group must not count as progress
         group.start(config, options, reporter, fault, cluster.startup_timeout_s)
         results: dict[int, dict] = {}
-        last_report, started = time.monotonic(), False
+        watch = _Watch(cluster.step_timeout_s, cluster.startup_timeout_s)
         while len(results) < cluster.hosts:
             done, _ = ray.wait(
                 [r for i, r in enumerate(group.refs) if i not in results], num_returns=1, timeout=_POLL_S
             )
             # news first, so that a failure below is reported with the latest step
             for process_id, metrics in ray.get(reporter.drain.remote(), timeout=60):
-                last_report, started = time.monotonic(), True
-                if process_id == 0:
+                watch.report(process_id, metrics, time.monotonic())
+                if process_id == 0 and "step" in metrics:
                     outcome.last_step = metrics["step"]
                     bar.n = metrics["step"]
                     bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:,.0f}")
@@ -492,10 +512,9 @@ def _run_group(
                         raise e.cause from None  # the user's input is wrong: restarting cannot help
                     outcome.reason = f"host {host} ({group.where[host]}) failed: {_first_line(e.cause or e)}"
                     return outcome
-            limit = cluster.step_timeout_s if started else cluster.startup_timeout_s
-            if time.monotonic() - last_report > limit:
-                what = f"after step {outcome.last_step}" if started else "before the first step"
-                outcome.reason = f"no step finished for {limit:.0f} s {what}: the group hung"
+            hung = watch.hung(time.monotonic())
+            if hung:
+                outcome.reason = hung
                 return outcome
         outcome.metrics = results[0]
         return outcome
@@ -508,6 +527,38 @@ def _run_group(
     finally:
         if group is not None:
             group.stop()
+
+
+class _Watch:
+    """Decides from the hosts' reports whether a group hangs. The step timeout times train steps only: until
+    the first step (start-up, restore, compilation) and while any host evaluates, saves a checkpoint or
+    samples, the start-up limit applies instead."""
+
+    def __init__(self, step_timeout_s: float, startup_timeout_s: float) -> None:
+        self.step_timeout_s, self.startup_timeout_s = step_timeout_s, startup_timeout_s
+        self.last_report = time.monotonic()
+        self.last_step: int | None = None
+        self.busy: dict[int, str] = {}  # hosts doing something other than train steps, and what
+
+    def report(self, process_id: int, metrics: dict, now: float) -> None:
+        self.last_report = now
+        if "phase" in metrics:
+            self.busy.pop(process_id, None)
+            if metrics["phase"] != "train":
+                self.busy[process_id] = metrics["phase"]
+        elif process_id == 0 or self.last_step is None:
+            self.last_step = metrics["step"]
+
+    def hung(self, now: float) -> str | None:
+        """Why the group counts as hung at `now`, or None."""
+        started = self.last_step is not None
+        limit = self.step_timeout_s if started and not self.busy else self.startup_timeout_s
+        if now - self.last_report <= limit:
+            return None
+        what = f"after step {self.last_step}" if started else "before the first step"
+        if self.busy:
+            what += " (" + ", ".join(f"host {h}: {p}" for h, p in sorted(self.busy.items())) + ")"
+        return f"no step finished for {limit:.0f} s {what}: the group hung"
 
 
 def _first_line(error: BaseException) -> str:

@@ -236,15 +236,15 @@ def validate(c: Config) -> Config:
 
 
 def load_config(path: str, **overrides: Any) -> Config:
-    """Read a JSON config; `overrides` (command-line values such as tpu_size) replace its keys."""
-    from smart_open import open as smart_open_file
+    """Read a JSON config (local or gs://); `overrides` (command-line values such as tpu_size) replace its
+    keys."""
+    from mesh_transformer import storage
 
     try:
-        with smart_open_file(path, "r") as f:
-            text = f.read()
+        text = storage.read_text(path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except OSError as e:
+    except (storage.StorageError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from None
     try:
         raw = json.loads(text)

@@ -26,7 +26,7 @@ from mesh_transformer.prepare import (
     source_key,
 )
 from mesh_transformer.sources import DataError, default_corpus_files, expand_inputs
-from mesh_transformer.storage import gcs_blob, is_gcs, join, open_file, path_exists
+from mesh_transformer.storage import is_gcs, join, open_file, path_exists, read_range
 
 __all__ = [
     "Batch",
@@ -82,7 +82,7 @@ class _ShardArray:
         self.remote = is_gcs(dataset_dir)
         full = [None if p is None else join(dataset_dir, *p.split("/")) for p in paths]
         if self.remote:
-            self.shards: list[Any] = [None if p is None else gcs_blob(p) for p in full]
+            self.shards: list[Any] = full
             self._pool = ThreadPoolExecutor(16)
         else:
             missing = [p for p in full if p is not None and not os.path.exists(p)]
@@ -109,8 +109,7 @@ class _ShardArray:
         if not self.remote:
             return self.shards[shard][lo:hi]
         size = self.dtype.itemsize
-        data = self.shards[shard].download_as_bytes(start=lo * size, end=hi * size - 1)
-        return np.frombuffer(data, self.dtype)
+        return np.frombuffer(read_range(self.shards[shard], lo * size, hi * size), self.dtype)
 
     def windows(self, offsets: np.ndarray, length: int, out_dtype: Any) -> np.ndarray:
         """(len(offsets), length): elements [o, o + length) for each offset o."""

@@ -17,14 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mesh_transformer import data, sharding
+from mesh_transformer import data, sharding, storage
 from mesh_transformer.config import Config
 from mesh_transformer.engine import Generator, place_params
 from mesh_transformer.errors import UserError
 from mesh_transformer.model import ModelShape
 from mesh_transformer.prepare import TOKENIZER_NAME, eos_id_of, read_tokenizer_file
 from mesh_transformer.sampling import Row, SamplingParams, bucket
-from mesh_transformer.storage import join, path_exists
 from mesh_transformer.train import Trainer
 
 try:  # lm-eval is the optional `eval` extra: validation loss needs none of it
@@ -402,8 +401,8 @@ class Evaluator:
 
 
 def check_model_path(path: str) -> None:
-    """Fail early, before anything slow, when a local model path does not exist."""
-    if "://" not in path and not os.path.exists(path):
+    """Fail early, before anything slow, when a model path (local or gs://) does not exist."""
+    if not (storage.path_exists(path) or storage.is_dir(path)):
         raise UserError(
             f"checkpoint not found: {path} (expected a checkpoint directory, a model_dir "
             "or a Hugging Face GPT-J folder)"
@@ -425,8 +424,8 @@ def find_tokenizer(explicit: str | None, model_path: str, config: Config) -> Any
     from mesh_transformer.data import find_tokenizer
     from mesh_transformer.hf import is_hf_folder
 
-    hf_tokenizer = join(model_path, TOKENIZER_NAME)
-    if not explicit and "://" not in model_path and is_hf_folder(model_path) and path_exists(hf_tokenizer):
+    hf_tokenizer = storage.join(model_path, TOKENIZER_NAME)
+    if not explicit and is_hf_folder(model_path) and storage.path_exists(hf_tokenizer):
         return read_tokenizer_file(hf_tokenizer)[0]
     path = find_tokenizer(model_path, config, explicit)  # one search rule for export and evaluation
     if path is None:

@@ -9,17 +9,20 @@ Torch linears are [out, in]; our `w` are [in, out], so every kernel is transpose
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import re
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
+from mesh_transformer import storage
 from mesh_transformer.config import Config
 from mesh_transformer.data import find_tokenizer
 from mesh_transformer.errors import UserError
@@ -219,9 +222,8 @@ class _SafetensorsFile:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            with open(path, "rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(header_len))
+            (header_len,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
+            header = json.loads(storage.read_range(path, 8, 8 + header_len))
             self.data_start = 8 + header_len
             self.tensors = {k: v for k, v in header.items() if k != "__metadata__"}
             for name, info in self.tensors.items():
@@ -241,9 +243,8 @@ class _SafetensorsFile:
         count = (end - begin) // dtype.itemsize
         if count != int(np.prod(info["shape"], dtype=np.int64)):
             raise InteropError(f"{self.path}: tensor {name} holds {count} values for shape {info['shape']}")
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            value = np.fromfile(f, dtype=dtype, count=count)
+        raw = storage.read_range(self.path, self.data_start + begin, self.data_start + end)
+        value = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
         if value.size != count:
             raise InteropError(f"{self.path}: truncated inside tensor {name}")
         return value.reshape(info["shape"])
@@ -316,9 +317,8 @@ def _tokenizer_files(path: str, seq: int) -> tuple[dict[str, str], int | None]:
 
 
 def _check_output_dir(output_dir: str) -> None:
-    if "://" in output_dir:
-        raise InteropError(f"--output-path {output_dir}: expected a local directory (copy it to GCS after)")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    taken = storage.is_dir(output_dir) if storage.is_gcs(output_dir) else os.path.exists(output_dir)
+    if taken and (storage.is_gcs(output_dir) or not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise InteropError(
             f"--output-path {output_dir}: already exists and is not empty; choose a new directory"
         )
@@ -358,11 +358,14 @@ def export_checkpoint(
     shapes = hf_shapes(config)
     files = _plan_shards(shapes, out_dtype.itemsize, max_shard_bytes)
 
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if storage.is_gcs(output_dir):  # built on local disk, then uploaded
+        tmp = tempfile.mkdtemp(prefix="hf-export-")
+    else:
+        parent = os.path.dirname(os.path.abspath(output_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(output_dir))}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     fds: list[int] = []
     try:
         slots: dict[str, _Slot] = {}
@@ -402,17 +405,27 @@ def export_checkpoint(
         _write_text(tmp, "generation_config.json", json.dumps(generation, indent=2))
         for name, text in tokenizer_files.items():
             _write_text(tmp, name, text)
+        _publish(tmp, output_dir)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(output_dir, list(files), weight_bytes, tokenizer_path)
+
+
+def _publish(tmp: str, output_dir: str) -> None:
+    """Move the finished export to `output_dir`: one rename locally; on gs://, the weights first and
+    config.json last, so that a folder with a config.json is complete."""
+    if not storage.is_gcs(output_dir):
         try:
             os.rename(tmp, output_dir)  # onto nothing, or onto an empty directory
         except OSError as e:
             raise InteropError(
                 f"--output-path {output_dir}: cannot move the finished export there ({e})"
             ) from None
-    finally:
-        for fd in fds:
-            os.close(fd)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return ExportResult(output_dir, list(files), weight_bytes, tokenizer_path)
+        return
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
+        storage.upload_file(os.path.join(tmp, name), storage.join(output_dir, name))
 
 
 def _write_text(directory: str, name: str, text: str) -> None:
@@ -477,9 +490,8 @@ def _stream_pieces(pieces: Any, slots: dict[str, _Slot], out_dtype: np.dtype) ->
 
 
 def is_hf_folder(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, f)) for f in _WEIGHT_FILES
-    )
+    files = set(storage.list_dir(path)[0])
+    return "config.json" in files and any(f in files for f in _WEIGHT_FILES)
 
 
 _WEIGHT_FILES = (
@@ -500,15 +512,14 @@ _SHAPE_FIELDS = {
 
 def read_hf_config(folder: str, config: Config) -> dict:
     """config.json of a GPT-J folder, checked against our config: any disagreeing field is one error."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isdir(folder):
+    path = storage.join(folder, "config.json")
+    if not storage.is_dir(folder):
         raise InteropError(f"{folder}: not found; expected a Hugging Face GPT-J folder")
     try:
-        with open(path) as f:
-            hf = json.load(f)
+        hf = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise InteropError(f"{folder}: no config.json; expected a Hugging Face GPT-J folder") from None
-    except (OSError, ValueError) as e:
+    except ValueError as e:
         raise InteropError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict) or hf.get("model_type") != "gptj":
         got = hf.get("model_type") if isinstance(hf, dict) else None
@@ -539,15 +550,15 @@ def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
     """name -> array (torch layout, as stored) over a folder's safetensors or pytorch_model.bin files."""
 
     def index_files(index_name: str) -> dict[str, str]:
-        path = os.path.join(folder, index_name)
+        path = storage.join(folder, index_name)
         try:
-            with open(path) as f:
-                weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(folder, file) for name, file in weight_map.items()}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            weight_map = json.loads(storage.read_text(path))["weight_map"]
+            return {name: storage.join(folder, file) for name, file in weight_map.items()}
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
             raise InteropError(f"{path}: not a readable weight index ({e})") from None
 
-    present = [f for f in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    files = set(storage.list_dir(folder)[0])
+    present = [f for f in _WEIGHT_FILES if f in files]
     if not present:
         raise InteropError(f"{folder}: holds no weights; expected one of {', '.join(_WEIGHT_FILES)}")
     kind = present[0]
@@ -556,7 +567,7 @@ def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
         opened: dict[str, _SafetensorsFile] = {}
 
         def file_for(name: str) -> _SafetensorsFile:
-            path = where.get(name) if where is not None else os.path.join(folder, kind)
+            path = where.get(name) if where is not None else storage.join(folder, kind)
             if path is None:
                 raise InteropError(f"{folder}/{kind}: has no tensor {name}")
             if path not in opened:
@@ -575,7 +586,7 @@ def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
     loaded: dict[str, dict] = {}
 
     def get_torch(name: str) -> np.ndarray:
-        path = where.get(name) if where is not None else os.path.join(folder, kind)
+        path = where.get(name) if where is not None else storage.join(folder, kind)
         if path is None:
             raise InteropError(f"{folder}/{kind}: has no tensor {name}")
         if path not in loaded:
@@ -595,10 +606,15 @@ def _torch_load(path: str) -> dict:
             f"{path}: reading pytorch_model.bin needs torch installed (or convert to safetensors)"
         ) from None
     try:
-        try:  # memory-mapped: tensors are read as they are used
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        if storage.is_gcs(path):  # read whole: an object cannot be memory-mapped
+            state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+        else:
+            try:  # memory-mapped: tensors are read as they are used
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except (storage.StorageError, storage.StorageUnavailable):
+        raise
     except Exception as e:  # torch raises many types for damaged or unsafe pickles
         raise InteropError(f"{path}: cannot be loaded as PyTorch weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):

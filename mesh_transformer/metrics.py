@@ -10,8 +10,11 @@ because a causal mask needs only half the score matrix).
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -21,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from smart_open import open as smart_open_file
 
+from mesh_transformer import storage
 from mesh_transformer.config import Config
 from mesh_transformer.errors import UserError
 
@@ -80,6 +83,9 @@ def peak_flops(devices: list[jax.Device], compute_dtype: str) -> float:
     return float("nan")
 
 
+SEGMENTS_DIR = "metrics"  # on gs://, {model_dir}/metrics/{session}-{n}.jsonl hold the log's lines
+
+
 class MetricsLog:
     """The run's log: one JSON object per line in `{model_dir}/metrics.jsonl` (kept across resumes), mirrored
     to Weights & Biases when the config names a `wandb_project` and to TensorBoard event files in
@@ -96,6 +102,13 @@ class MetricsLog:
     step records by its "event" key; fields must be JSON values. Weights & Biases gets the numeric fields as
     event/{kind}/{field} at the latest step, TensorBoard the whole event as text.
 
+    Durability: a local metrics.jsonl is appended and flushed line by line. An object store cannot append,
+    so on gs:// the lines logged since the last `flush()` are uploaded as one new object
+    `{model_dir}/metrics/{session}-{n}.jsonl`; objects are never rewritten, so no run's history is ever
+    dropped, and `read_metrics` joins them in order. The run loop flushes just before each checkpoint is
+    committed, so what was logged up to the last committed checkpoint survives a SIGKILL; `close()` flushes
+    the rest.
+
     Weights & Biases never blocks training: without a login (no WANDB_API_KEY, no ~/.netrc entry) and
     WANDB_MODE not offline, it logs offline into the model dir with one printed line (`wandb sync` uploads
     it later). A resumed run continues the same W&B run (its id is kept in {model_dir}/wandb_run_id).
@@ -103,30 +116,25 @@ class MetricsLog:
 
     def __init__(self, model_dir: str, enabled: bool = True, *, config: Config | None = None):
         self.model_dir = model_dir.rstrip("/")
-        self.path = f"{self.model_dir}/metrics.jsonl"
+        self.path = storage.join(self.model_dir, "metrics.jsonl")
         self.enabled = enabled
         self._lock = threading.Lock()  # events may come from checkpoint writer threads
         self._last_step = 0
-        self._lines: list[str] = []
-        self._local = "://" not in self.path
+        self._local = not storage.is_gcs(self.model_dir)
+        self._pending: list[str] = []  # gs:// lines not uploaded yet
+        self._session = f"{time.time_ns():020d}-{os.getpid()}"  # sorts segments of later runs after these
+        self._segments = 0
         self._wandb: Any = None
-        self._tensorboard: Any = None
+        self._tensorboard: _TensorBoard | None = None
         if not enabled:
             return
         if self._local:
+            storage.makedirs(self.model_dir)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
-        else:  # keep what an earlier run logged: it is rewritten whole on close
-            try:
-                with smart_open_file(self.path, "r") as f:
-                    self._lines = f.read().splitlines()
-            except (FileNotFoundError, OSError):
-                self._lines = []
         if config is not None and config.wandb_project:
             self._wandb = _start_wandb(config, self.model_dir, self._local)
         if config is not None and config.tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tensorboard = SummaryWriter(logdir=f"{self.model_dir}/tensorboard")
+            self._tensorboard = _TensorBoard(storage.join(self.model_dir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -142,7 +150,7 @@ class MetricsLog:
                 self._wandb.log(numbers, step=self._last_step)
             if self._tensorboard is not None:
                 for key, value in numbers.items():
-                    self._tensorboard.add_scalar(key, value, self._last_step)
+                    self._tensorboard.writer.add_scalar(key, value, self._last_step)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Log that something happened (a checkpoint saved, a worker restarted, ...); see the class doc."""
@@ -155,30 +163,86 @@ class MetricsLog:
                 numbers = _numbers(fields, exclude=())
                 self._wandb.log({f"event/{kind}/{k}": v for k, v in numbers.items()}, step=self._last_step)
             if self._tensorboard is not None:
-                self._tensorboard.add_text(f"event/{kind}", json.dumps(record), self._last_step)
+                self._tensorboard.writer.add_text(f"event/{kind}", json.dumps(record), self._last_step)
 
     def _append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record)
         if self._local:
             self._file.write(line + "\n")
             self._file.flush()
-        else:  # object stores cannot append: rewrite the whole log on close
-            self._lines.append(line)
+        else:
+            self._pending.append(line)
+
+    def flush(self) -> None:
+        """Make everything logged so far durable (on gs://: upload it as the next segment). On a storage
+        failure the lines stay pending for the next flush, and the error is raised."""
+        if not self.enabled:
+            return
+        with self._lock:
+            if self._tensorboard is not None:
+                self._tensorboard.flush()
+            self._flush_lines()
+
+    def _flush_lines(self) -> None:
+        if self._local or not self._pending:
+            return
+        name = f"{self._session}-{self._segments:06d}.jsonl"
+        storage.write_text(storage.join(self.model_dir, SEGMENTS_DIR, name), "\n".join(self._pending) + "\n")
+        self._segments += 1
+        self._pending = []
 
     def close(self) -> None:
         if not self.enabled:
             return
         with self._lock:
-            if self._local:
-                self._file.close()
-            elif self._lines:
-                with smart_open_file(self.path, "w") as f:
-                    f.write("\n".join(self._lines) + "\n")
-            if self._tensorboard is not None:
-                self._tensorboard.close()
-            if self._wandb is not None:
-                self._wandb.finish()
-            self.enabled = False
+            try:
+                self._flush_lines()
+            finally:
+                self.enabled = False
+                if self._local:
+                    self._file.close()
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
+                if self._wandb is not None:
+                    self._wandb.finish()
+
+
+class _TensorBoard:
+    """A tensorboardX writer for `logdir`. On gs:// it writes a local event file and uploads it at each flush,
+    then starts a new one (TensorBoard reads every event file of a directory), so no object is rewritten."""
+
+    def __init__(self, logdir: str) -> None:
+        self.logdir, self.remote = logdir, storage.is_gcs(logdir)
+        self.files = 0
+        self._open()
+
+    def _open(self) -> None:
+        from tensorboardX import SummaryWriter
+
+        self.local_dir = tempfile.mkdtemp(prefix="tensorboard-") if self.remote else self.logdir
+        # tensorboardX names files by the second and host: a suffix keeps two files of one second apart
+        suffix = f".{os.getpid()}.{self.files:06d}" if self.remote else ""
+        self.writer = SummaryWriter(logdir=self.local_dir, filename_suffix=suffix)
+        self.files += 1
+
+    def flush(self) -> None:
+        if not self.remote:
+            self.writer.flush()
+            return
+        self._upload()
+        self._open()
+
+    def _upload(self) -> None:
+        self.writer.close()
+        for name in sorted(os.listdir(self.local_dir)):
+            storage.upload_file(os.path.join(self.local_dir, name), storage.join(self.logdir, name))
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        if self.remote:
+            self._upload()
+        else:
+            self.writer.close()
 
 
 def _numbers(record: dict[str, Any], exclude: Iterable[str]) -> dict[str, float]:
@@ -198,14 +262,12 @@ def _start_wandb(config: Config, model_dir: str, local: bool) -> Any:
         where = f"{model_dir}/wandb" if local else "./wandb"
         print(f"wandb: not logged in; logging offline to {where} (upload it later with `wandb sync`)")
         mode = "offline"
-    id_path = f"{model_dir}/wandb_run_id"
+    id_path = storage.join(model_dir, "wandb_run_id")
     try:
-        with smart_open_file(id_path, "r") as f:
-            run_id = f.read().strip()
-    except (FileNotFoundError, OSError):
+        run_id = storage.read_text(id_path).strip()
+    except FileNotFoundError:
         run_id = uuid.uuid4().hex[:12]
-        with smart_open_file(id_path, "w") as f:
-            f.write(run_id + "\n")
+        storage.write_text(id_path, run_id + "\n")
     return wandb.init(
         project=config.wandb_project,
         name=config.name,
@@ -230,16 +292,11 @@ def _plain(value: Any) -> Any:
 
 
 def read_metrics(model_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step records, events) of `{model_dir}/metrics.jsonl`; for a step logged twice (a resumed run redid
-    it) the later record wins. A torn last line (a run killed mid-write) is skipped."""
-    path = model_dir if model_dir.endswith(".jsonl") else f"{model_dir.rstrip('/')}/metrics.jsonl"
-    try:
-        with smart_open_file(path, "r") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise UserError(f"no metrics log at {path}; expected the model_dir of a training run") from None
-    except OSError as e:
-        raise UserError(f"cannot read metrics log {path}: {e}") from None
+    """(step records, events) of a run's log: `{model_dir}/metrics.jsonl` and the segments in
+    `{model_dir}/metrics/` (gs://), in the order they were written, or a metrics.jsonl file given itself.
+    For a step logged twice (a resumed run redid it) the later record wins. A torn line (a run killed
+    mid-write) is skipped; a log that cannot be read stops with one line."""
+    lines, where = _log_lines(model_dir)
     by_step: dict[int, dict[str, Any]] = {}
     events = []
     for line in lines:
@@ -254,8 +311,30 @@ def read_metrics(model_dir: str) -> tuple[list[dict[str, Any]], list[dict[str, A
         elif isinstance(record.get("step"), int):
             by_step[record["step"]] = record
     if not by_step:
-        raise UserError(f'{path} holds no step records; expected lines such as {{"step": 1, "loss": ...}}')
+        raise UserError(f'{where} holds no step records; expected lines such as {{"step": 1, "loss": ...}}')
     return [by_step[s] for s in sorted(by_step)], events
+
+
+def _log_lines(model_dir: str) -> tuple[list[str], str]:
+    """Every line of the log at `model_dir` (a model_dir or a .jsonl file), and the name errors give it."""
+    if model_dir.endswith(".jsonl"):
+        where, files = model_dir, [model_dir]
+    else:
+        where = storage.join(model_dir.rstrip("/"), "metrics.jsonl")
+        segments = storage.join(model_dir.rstrip("/"), SEGMENTS_DIR)
+        names = sorted(n for n in storage.list_dir(segments)[0] if n.endswith(".jsonl"))
+        files = ([where] if storage.path_exists(where) else []) + [storage.join(segments, n) for n in names]
+    if not files:
+        raise UserError(f"no metrics log at {where}; expected the model_dir of a training run")
+    lines = []
+    for path in files:
+        try:
+            lines += storage.read_text(path).splitlines()
+        except FileNotFoundError:
+            raise UserError(f"no metrics log at {path}; expected the model_dir of a training run") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read metrics log {path}: not UTF-8 text ({e.reason})") from None
+    return lines, where
 
 
 def plot_metrics(model_dir: str, output: str) -> None:
@@ -268,8 +347,9 @@ def plot_metrics(model_dir: str, output: str) -> None:
     records, events = read_metrics(model_dir)
     if not output.lower().endswith(".png"):
         raise UserError(f"plot output {output} must be a .png file")
-    if os.path.dirname(output) and not os.path.isdir(os.path.dirname(output)):
-        raise UserError(f"cannot write {output}: directory {os.path.dirname(output)} does not exist")
+    directory = storage.parent(output)
+    if directory and not storage.is_gcs(directory) and not os.path.isdir(directory):
+        raise UserError(f"cannot write {output}: directory {directory} does not exist")
 
     def series(key: str) -> tuple[list[int], list[float]]:
         points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
@@ -337,8 +417,10 @@ def plot_metrics(model_dir: str, output: str) -> None:
         ax.set(title="tokens seen", xlabel="step", ylabel="tokens")
     ax.grid(alpha=0.3)
 
-    fig.savefig(output, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90)
     plt.close(fig)
+    storage.write_bytes(output, png.getvalue())
 
 
 def _smoothed(values: list[float], weight: float = 0.9) -> list[float]:

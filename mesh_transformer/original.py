@@ -9,13 +9,13 @@ contiguous npz chunks (keys arr_0, arr_1, ...). bfloat16 leaves load from numpy 
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
+from mesh_transformer import storage
 from mesh_transformer.config import Config
 from mesh_transformer.hf import LAYERS, InteropError, _place, _target_leaf, fit_vocab
 
@@ -91,29 +91,28 @@ def _shard_shape(module: str, param: str, c: Config, shards: int, n_vocab: int) 
 def _step_dir(path: str) -> str:
     """The step_N directory a path names: itself, or the step meta.json of a model_dir points at."""
     path = path.rstrip("/")
-    if os.path.isdir(os.path.join(path, "shard_0")):
+    if storage.is_dir(storage.join(path, "shard_0")):
         return path
-    meta_path = os.path.join(path, "meta.json")
+    meta_path = storage.join(path, "meta.json")
     try:
-        with open(meta_path) as f:
-            step = int(json.load(f)["step"])
+        step = int(json.loads(storage.read_text(meta_path))["step"])
     except FileNotFoundError:
         raise InteropError(f"{path}: not an original checkpoint (no meta.json and no shard_0/)") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise InteropError(f"{meta_path}: expected JSON with an integer 'step' ({e})") from None
-    step_dir = os.path.join(path, f"step_{step}")
-    if not os.path.isdir(os.path.join(step_dir, "shard_0")):
+    step_dir = storage.join(path, f"step_{step}")
+    if not storage.is_dir(storage.join(step_dir, "shard_0")):
         raise InteropError(f"{meta_path}: names step {step} but {step_dir}/shard_0 does not exist")
     return step_dir
 
 
 def is_original_checkpoint(path: str) -> bool:
     path = path.rstrip("/")
-    if os.path.isfile(os.path.join(path, "shard_0", "0.npz")):
+    if storage.is_file(storage.join(path, "shard_0", "0.npz")):
         return True
-    return os.path.isfile(os.path.join(path, "meta.json")) and any(
-        re.fullmatch(r"step_\d+", d) and os.path.isdir(os.path.join(path, d, "shard_0"))
-        for d in os.listdir(path)
+    files, dirs = storage.list_dir(path)
+    return "meta.json" in files and any(
+        re.fullmatch(r"step_\d+", d) and storage.is_dir(storage.join(path, d, "shard_0")) for d in dirs
     )
 
 
@@ -124,9 +123,9 @@ class _Shard:
         self.directory = directory
         self.index: list[tuple[Any, str, str]] = []  # (open NpzFile, member key, file) per leaf
         chunk = 0
-        while os.path.isfile(path := os.path.join(directory, f"{chunk}.npz")):
-            try:
-                npz = np.load(path, allow_pickle=False)
+        while storage.is_file(path := storage.join(directory, f"{chunk}.npz")):
+            try:  # a gs:// npz is read lazily through a seekable stream, like a local one
+                npz = np.load(storage.open_file(path) if storage.is_gcs(path) else path, allow_pickle=False)
                 keys = sorted(npz.files, key=lambda k: int(k.removeprefix("arr_")))
             except (OSError, ValueError) as e:
                 raise InteropError(f"{path}: not a readable npz file ({e})") from None
@@ -154,7 +153,7 @@ def load_original_params(path: str, config: Config, target: Any = None) -> dict:
     """
     step_dir = _step_dir(path)
     shard_dirs = []
-    while os.path.isdir(d := os.path.join(step_dir, f"shard_{len(shard_dirs)}")):
+    while storage.is_dir(d := storage.join(step_dir, f"shard_{len(shard_dirs)}")):
         shard_dirs.append(d)
     shards = [_Shard(d) for d in shard_dirs]
     counts = {len(s.index) for s in shards}

@@ -29,7 +29,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mesh_transformer.sources import DataError, Document, SkipCounter, Source, expand_inputs
-from mesh_transformer.storage import gcs_blob, gcs_client, is_gcs, join, open_file, path_exists, split_gcs
+from mesh_transformer.storage import (
+    delete,
+    is_gcs,
+    join,
+    list_objects,
+    open_file,
+    path_exists,
+    upload_file,
+)
 
 INDEX_NAME = "index.json"
 TOKENIZER_NAME = "tokenizer.json"
@@ -488,7 +496,7 @@ def upload_part(result: dict[str, Any], root: str, output_dir: str) -> None:
     (so a node holds one part at a time)."""
     for name in part_files(result):
         local = os.path.join(root, *name.split("/"))
-        gcs_blob(join(output_dir, *name.split("/"))).upload_from_filename(local)
+        upload_file(local, join(output_dir, *name.split("/")))
         os.remove(local)
 
 
@@ -562,15 +570,13 @@ class Staging:
             os.rename(self.root, self.output_dir)
             return
         for name in (TOKENIZER_NAME, INDEX_NAME):  # the index last: a dataset without it is not finished
-            gcs_blob(join(self.output_dir, name)).upload_from_filename(os.path.join(self.root, name))
+            upload_file(os.path.join(self.root, name), join(self.output_dir, name))
 
     def _delete_uploaded_parts(self) -> None:
-        bucket, prefix = split_gcs(join(self.output_dir, ""))
-        for blob in gcs_client().list_blobs(bucket, prefix=prefix):
-            if re.fullmatch(
-                r"(train|validation)/(shard|loss_mask)_\d{5}_\d{5}\.bin", blob.name[len(prefix) :]
-            ):
-                blob.delete()
+        prefix = join(self.output_dir, "")
+        for url, _ in list_objects(prefix):
+            if re.fullmatch(r"(train|validation)/(shard|loss_mask)_\d{5}_\d{5}\.bin", url[len(prefix) :]):
+                delete(url)
 
 
 def _check_output_free(output_dir: str) -> None:

@@ -4,19 +4,20 @@ the end. `device_train.py` calls `train` in one process; each Ray actor calls th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 from tqdm import tqdm
 
-from mesh_transformer import data, hf, sharding
+from mesh_transformer import data, hf, sharding, storage
 from mesh_transformer.checkpoint import CheckpointError, CheckpointManager
 from mesh_transformer.config import Config
 from mesh_transformer.engine import generate, sampling_mesh
+from mesh_transformer.errors import InfrastructureError
 from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
@@ -39,6 +40,9 @@ class RunOptions:
     # Called in every process with each step's metrics once they are logged; Ray actors report progress
     # to the driver here (and tests inject faults), so they run this very loop rather than a copy of it.
     on_step: Callable[[dict], None] | None = None
+    # Called in every process with "evaluation" or "checkpoint" when the loop turns to work that is not a
+    # train step, and with "train" when it returns to steps: the Ray driver's step timeout times steps only.
+    on_phase: Callable[[str], None] | None = None
 
 
 def model_dir_for(config: Config, override: str | None) -> str:
@@ -131,8 +135,7 @@ def train(config: Config, options: RunOptions) -> dict:
     """Train on the mesh of all devices; returns the last step's metrics."""
     model_dir = options.model_dir
     is_main = jax.process_index() == 0
-    if "://" not in model_dir:
-        os.makedirs(model_dir, exist_ok=True)
+    storage.makedirs(model_dir)
 
     datasets = training_datasets(config, options)
     dataset_dir = next(iter(datasets))  # its tokenizer is every dataset's
@@ -184,13 +187,16 @@ def train(config: Config, options: RunOptions) -> dict:
                 **{f"tokens_seen/{name}": n for name, n in loader.tokens_seen().items()},
             }
             if evaluator.due(step + 1, end_step):
-                metrics.update(evaluator.run(state.params))
+                with _phase(options, "evaluation"):
+                    metrics.update(evaluator.run(state.params))
+            log.write(metrics)  # before the save: the log is flushed when that checkpoint commits
             if (step + 1) % config.ckpt_every == 0 or step + 1 == end_step:
                 # Returns once host copies are taken; the write overlaps the next steps.
                 extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
-                checkpoints.save(step + 1, state, extra)
-                log.event("checkpoint", step=step + 1, path=f"{model_dir}/step_{step + 1}")
-            log.write(metrics)
+                with _phase(options, "checkpoint"):
+                    checkpoints.save(
+                        step + 1, state, extra, before_commit=log.flush, on_commit=_log_commit(log, model_dir)
+                    )
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3f}",
                 lr=f"{metrics['lr']:.2e}",
@@ -202,7 +208,8 @@ def train(config: Config, options: RunOptions) -> dict:
             bar.update(1)
             if options.on_step is not None:
                 options.on_step(metrics)
-        checkpoints.wait()
+        with _phase(options, "checkpoint"):
+            checkpoints.wait()
     finally:
         bar.close()
         log.close()
@@ -211,6 +218,28 @@ def train(config: Config, options: RunOptions) -> dict:
     if options.sample_prompt is not None and jax.process_count() == 1:
         print(sample_text(config, state.params, dataset_dir, options.sample_prompt, options.sample_tokens))
     return metrics
+
+
+@contextlib.contextmanager
+def _phase(options: RunOptions, name: str) -> Iterator[None]:
+    """Tell `options.on_phase` that the loop does `name` (not a train step) until the block ends."""
+    if options.on_phase is not None:
+        options.on_phase(name)
+    yield
+    if options.on_phase is not None:
+        options.on_phase("train")
+
+
+def _log_commit(log: MetricsLog, model_dir: str) -> Callable[[int, float], None]:
+    """What process 0 does once a checkpoint is committed: log the event and make it durable."""
+
+    def committed(step: int, seconds: float) -> None:
+        log.event("checkpoint", step=step, path=storage.join(model_dir, f"step_{step}"), seconds=seconds)
+        # Best effort: on failure the lines stay pending, and the next save's flush must succeed to commit.
+        with contextlib.suppress(InfrastructureError):
+            log.flush()
+
+    return committed
 
 
 def initial_state(

@@ -20,7 +20,7 @@ from typing import Any
 import zstandard
 
 from mesh_transformer.errors import UserError
-from mesh_transformer.storage import gcs_client, is_gcs, join, open_file
+from mesh_transformer.storage import is_gcs, join, list_objects, open_file, split_gcs
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.zst", ".json.zst", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -98,17 +98,17 @@ def _expand_local(spec: str) -> list[tuple[str, int]]:
 def _expand_gcs(spec: str) -> list[tuple[str, int]]:
     import fnmatch
 
-    bucket, _, name = spec[len("gs://") :].partition("/")
+    bucket, name = split_gcs(spec)
     magic = glob.has_magic(name)
     prefix = name[: min((name.find(c) for c in "*?[" if c in name), default=len(name))] if magic else name
-    blobs = sorted(gcs_client().list_blobs(bucket, prefix=prefix), key=lambda b: b.name)
+    blobs = [(url[len(f"gs://{bucket}/") :], size) for url, size in list_objects(f"gs://{bucket}/{prefix}")]
     if magic:
-        chosen = [b for b in blobs if fnmatch.fnmatchcase(b.name, name)]
+        chosen = [b for b in blobs if fnmatch.fnmatchcase(b[0], name)]
     else:
-        exact = [b for b in blobs if b.name == name]
+        exact = [b for b in blobs if b[0] == name]
         directory = name.rstrip("/") + "/"
-        chosen = exact or [b for b in blobs if b.name.startswith(directory) and not b.name.endswith("/")]
-    return [(f"gs://{bucket}/{b.name}", b.size or 0) for b in chosen]
+        chosen = exact or [b for b in blobs if b[0].startswith(directory)]
+    return [(f"gs://{bucket}/{key}", size) for key, size in chosen]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="checkpoint dir, model_dir, or Hugging Face GPT-J folder")
     p.add_argument("--tasks", required=True, help="comma-separated harness task names")
     p.add_argument("--limit", type=int, help="score only the first N documents of each task")
-    p.add_argument("--output", help="write the harness's results JSON here")
+    p.add_argument("--output", help="write the harness's results JSON here (local or gs://)")
     p.add_argument("--include-path", help="a directory of your own task YAML files")
     p.add_argument(
         "--tokenizer", help="tokenizer.json or prepared dataset dir (default: found beside the model)"
@@ -67,12 +67,11 @@ def main() -> None:
     print(make_table(results))
     if results.get("groups"):
         print(make_table(results, "groups"))
-    if args.output:
-        # written beside and renamed, so an earlier results file is never left half-overwritten
-        partial = f"{args.output}.partial"
-        with open(partial, "w") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        os.replace(partial, args.output)
+    if args.output:  # local or gs://, written whole: an earlier results file is never left half-overwritten
+        from mesh_transformer import storage
+
+        text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        storage.write_text(args.output, text)
         print(f"results written to {args.output}")
 
 

@@ -17,17 +17,18 @@ from mesh_transformer.errors import run_cli  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model_dir", help="a run's model_dir (holding metrics.jsonl), or a metrics.jsonl file")
-    p.add_argument("--output", help="PNG to write (default: {model_dir}/metrics.png)")
+    p.add_argument("model_dir", help="a run's model_dir (local or gs://), or a metrics.jsonl file")
+    p.add_argument("--output", help="PNG to write, local or gs:// (default: {model_dir}/metrics.png)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    from mesh_transformer import storage
     from mesh_transformer.metrics import plot_metrics
 
-    default_dir = os.path.dirname(args.model_dir) if args.model_dir.endswith(".jsonl") else args.model_dir
-    output = args.output or os.path.join(default_dir, "metrics.png")
+    run_dir = storage.parent(args.model_dir) if args.model_dir.endswith(".jsonl") else args.model_dir
+    output = args.output or storage.join(run_dir, "metrics.png")
     plot_metrics(args.model_dir, output)
     print(f"wrote {output}")
 

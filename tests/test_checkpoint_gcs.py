@@ -6,7 +6,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 import jax
@@ -73,11 +73,11 @@ def test_gcs_damaged_piece_is_named_by_its_url(emulator: str) -> None:
 
 
 class _FlakyProxy(http.server.ThreadingHTTPServer):
-    """Forwards HTTP to the emulator but answers 503 to requests numbered in `fail`."""
+    """Forwards HTTP to the emulator but answers `status` (503) to requests numbered in `fail`."""
 
-    def __init__(self, upstream: str, fail: set[int]) -> None:
+    def __init__(self, upstream: str, fail: Container[int], status: int = 503) -> None:
         self.upstream = upstream.removeprefix("http://")
-        self.fail, self.count, self.failed, self.lock = fail, 0, 0, threading.Lock()
+        self.fail, self.status, self.count, self.failed, self.lock = fail, status, 0, 0, threading.Lock()
         super().__init__(("127.0.0.1", 0), _ProxyHandler)
 
 
@@ -94,7 +94,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             fail = self.server.count in self.server.fail
             self.server.failed += fail
         if fail:
-            self.send_response(503)
+            self.send_response(self.server.status)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
