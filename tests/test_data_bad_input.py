@@ -100,7 +100,7 @@ def zst(lines: list[bytes]) -> bytes:
         ("corrupt.jsonl.zst", zst(GOOD)[:20] + b"\x00" * 20 + zst(GOOD)[40:], "corrupt or truncated zstd"),
         ("truncated.jsonl.zst", zst(GOOD)[: len(zst(GOOD)) // 2], "corrupt or truncated zstd"),
         ("not_zstd.jsonl.zst", b"plain text pretending to be zstd", "corrupt or truncated zstd"),
-        ("truncated.jsonl.gz", gzip.compress(b"\n".join(GOOD * 500))[:100], "gzip"),
+        ("truncated.jsonl.gz", gzip.compress(b"\n".join(GOOD * 500), mtime=0)[:100], "gzip"),
         ("weights.bin", bytes(range(256)) * 8, "binary data"),
         ("binary.txt", b"PK\x03\x04\x00\x00zipfile", "binary data"),
     ],
