@@ -715,14 +715,24 @@ def test_device_sample_script_completes_and_serves_completions_and_chat(tmp_path
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
     port = free_port()
     serving = subprocess.Popen(
-        [*script, "--serve", "--port", str(port), "--chat-template", str(tmp_path / "chat.jinja")],
+        # One slot: the fewest programs for the server to compile before it serves.
+        [
+            *script,
+            "--serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "1",
+            "--chat-template",
+            str(tmp_path / "chat.jinja"),
+        ],
         env={**os.environ, "MESH_TRANSFORMER_API_KEY": "k3y"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:  # loading and compiling take a while in a fresh process
+        while True:  # loading and compiling every program take a while in a fresh process
             assert serving.poll() is None and time.monotonic() < deadline, "the server did not come up"
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
