@@ -70,11 +70,13 @@ def main() -> None:
         from mesh_transformer.serving.chat import load_chat_template
 
         template = load_chat_template(generator.tokenizer, args.chat_template, generator.tokenizer_path)
+        print(f"{config.name}: compiling the engine's programs before serving", file=sys.stderr)
         options = ServerOptions(
             model_name=config.name,
             max_batch=args.max_batch,
             api_key=args.api_key or None,
             chat_template=template,
+            warm_up=True,
         )
         serve(build_app(generator, options), host=args.host, port=args.port)
         return

@@ -169,7 +169,7 @@ def server_vs_offline(params, rounds: int) -> tuple[float, float, float]:
     (offline_seconds,) = median_seconds([ours(generator, CLIENTS, {})], reps=2)
     offline_rate = CLIENTS * NEW / offline_seconds
 
-    app = build_app(generator, ServerOptions(model_name="bench", max_batch=CLIENTS))
+    app = build_app(generator, ServerOptions(model_name="bench", max_batch=CLIENTS, warm_up=True))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -193,7 +193,7 @@ def server_vs_offline(params, rounds: int) -> tuple[float, float, float]:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as http:
             return sum(await asyncio.gather(*(client(http, b, n) for b in bodies)))
 
-    asyncio.run(load(1))  # warm-up: compiles whatever batch sizes the first arrivals form
+    asyncio.run(load(1))  # untimed: the connections open, the caches fill
     calls_before = app.state.worker.engine.device_calls
     t0 = time.perf_counter()
     tokens = asyncio.run(load(rounds))

@@ -1,11 +1,13 @@
 """Serving under open-loop load: requests arrive as a Poisson process at a few rates, with mixed prompt and
 output lengths, and three servers of the same weights answer them in turn:
 
-- continuous: this project's engine (16 slots) driven by the server's worker thread, as `--serve` runs it;
+- continuous: this project's engine (16 slots) driven by the server's worker thread, as `--serve` runs it,
+  its programs compiled before the first run as the server does at its start (the run fails if the timed
+  runs compile anything);
 - static: the server's batching before it (a batch closes 20 ms after the last arrival or 200 ms after its
   first, at most 16 rows, and runs to completion through `Generator.generate` before the next one starts);
 - transformers: `GPTJForCausalLM`'s continuous batching manager (`init_continuous_batching`, the engine of
-  `generate_batch`), fed the same requests as they arrive.
+  `generate_batch`), its paged cache sized like our engine's, fed the same requests as they arrive.
 
 A 4-layer GPT-J (d_model 512, vocab 8192, float32) generates greedily with no EOS, so every request runs to
 its max_tokens. Each system prints throughput (generated tokens per second from the first arrival to the last
@@ -18,6 +20,7 @@ over `--reps` runs, the systems taking turns in an order that alternates, with t
 import argparse
 import os
 import queue
+import resource
 import threading
 import time
 
@@ -29,7 +32,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sample_throughput import hf_model, word_tokenizer  # noqa: E402
 
-from mesh_transformer.engine import Generator  # noqa: E402
+from mesh_transformer.engine import PREFILL_TOKENS, Generator  # noqa: E402
 from mesh_transformer.model import ModelShape, build  # noqa: E402
 from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 from mesh_transformer.serving.worker import Worker  # noqa: E402
@@ -99,11 +102,16 @@ class _BenchJob:
 
 
 def continuous(generator: Generator):
-    worker = Worker(generator.engine(SLOTS), max_queue=10_000)
+    engine = generator.engine(SLOTS)
+    t0 = time.perf_counter()
+    programs = engine.warm_up()  # as the server does at its start
+    print(f"continuous engine: warm-up compiled {programs} programs in {time.perf_counter() - t0:.1f} s")
+    worker = Worker(engine, max_queue=10_000)
 
     def run(requests, clock: Clock) -> None:
         drive(requests, lambda i, p, n: worker.submit(_BenchJob(i, greedy(p, n), clock)), clock)
 
+    run.compiles = lambda: engine.compiles
     return run
 
 
@@ -140,11 +148,21 @@ def static(generator: Generator):
 
 def transformers_cb(model):
     from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
 
     config = GenerationConfig(
         max_new_tokens=max(OUTPUT_LENGTHS), do_sample=False, eos_token_id=-1, pad_token_id=0
     )
-    manager = model.init_continuous_batching(generation_config=config)
+    # Sized like our engine: SLOTS rows of SEQ positions, PREFILL_TOKENS tokens per forward at most. Left to
+    # itself it sizes its cache to 90% of the host's free memory (on CPU, psutil's), 9 GB of RSS here.
+    page = 256
+    batching = ContinuousBatchingConfig(
+        page_size=page,
+        num_blocks=SLOTS * -(-SEQ // page),
+        max_batch_tokens=PREFILL_TOKENS,
+        max_requests_per_batch=SLOTS,
+    )
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=batching)
     manager.warmup()
     manager.start()
 
@@ -224,14 +242,15 @@ def main() -> None:
         f"GPT-J d_model {SHAPE.d_model}, {SHAPE.layers} layers, vocab {SHAPE.n_vocab}, float32, greedy; "
         f"{args.requests} requests per run, prompts {PROMPT_LENGTHS[0]}-{PROMPT_LENGTHS[1]} tokens, outputs "
         f"{'/'.join(map(str, OUTPUT_LENGTHS))} tokens; {SLOTS} slots; {jax.devices()[0].platform}, "
-        f"torch threads {args.threads}; median of {args.reps} [range]"
+        f"torch threads {args.threads}; median of {args.reps} [range]; load average {os.getloadavg()[0]:.1f}"
     )
     columns = ["tok/s", "req/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99"]
     print(f"{'rate/s':>6} {'system':>12} " + " ".join(f"{c:>17}" for c in columns))
     for rate in rates:
         requests = workload(args.requests, rate, seed=int(rate * 100))
-        for run in systems.values():  # warm-up: compiles the shapes this traffic forms
+        for run in systems.values():  # untimed: the static batcher compiles the shapes this traffic forms
             run(requests, Clock(len(requests)))
+        compiles = systems["continuous"].compiles()
         results: dict[str, list[dict]] = {name: [] for name in systems}
         for rep in range(args.reps):
             order = list(systems) if rep % 2 == 0 else list(reversed(systems))
@@ -240,7 +259,10 @@ def main() -> None:
                 systems[name](requests, clock)
                 results[name].append(figures(requests, clock))
         report(rate, results, columns)
+        assert systems["continuous"].compiles() == compiles, "the warmed-up engine compiled during the runs"
     systems["transformers"].stop()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak RSS of this process {peak:.1f} GiB; load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def report(rate: float, results: dict[str, list[dict]], columns: list[str]) -> None:

@@ -1,9 +1,10 @@
 """Generation on the device: continuous batching over the slots of one KV cache.
 
 An `Engine` keeps B rows ("slots") of a KV cache of S positions on the mesh, each holding one completion at
-its own position. Between decode chunks, waiting rows are prefilled together into free slots (batch and
-prompt length rounded up to a few sizes, so traffic compiles a handful of programs) and draw their first
-token at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then advances every live row.
+its own position. Between decode chunks, waiting rows are prefilled by one call into free slots (prompt
+length rounded up to a power of two, so traffic compiles a handful of programs), and a decode call of one
+step draws their first ids at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then
+advances the live rows, computing only as many rows as the smallest of a few sizes that holds them.
 A row that finishes (EOS, max_tokens, a stop string, a cancelled request) frees its slot for the next
 arrival. The engine calls the model's `apply` with a `KVCache` and knows nothing else of the architecture.
 
@@ -14,9 +15,12 @@ them (offline), `engine()` makes the long-lived one a server drives.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import heapq
+import os
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -49,6 +53,11 @@ from mesh_transformer.sampling import (
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 16
 PREFILL_TOKENS = 2048  # padded prompt tokens prefilled in one call at most (unless one prompt is longer)
+# A row's settings as `_insert` takes them: temperature, top_k, top_p, max_tokens, logprobs, prompt_logprobs.
+_SETTINGS_DTYPES = (np.float32, np.int32, np.float32, np.int32, np.bool_, np.bool_)
+# Every engine's compiled programs, by what they were compiled for (see `Engine._program`).
+_COMPILED: dict[tuple, Any] = {}
+_COMPILING = threading.Lock()
 
 
 # ----- device state and programs -----
@@ -105,16 +114,13 @@ def _empty_state(*, shape: ModelShape, mesh: Mesh, batch: int, slots: int) -> Sl
     return _pin(state, mesh)
 
 
-# The compiled functions are module-level, keyed by their static arguments, so that every engine of one
-# model shape on one mesh shares them (a test suite or a restarted server compiles each shape once).
-@functools.partial(
-    jax.jit,
-    static_argnames=("shape", "mesh", "vocab_size", "eos_id", "prompt_logprobs"),
-    donate_argnums=1,
-)
+# The device programs are module-level jitted functions; an engine compiles them ahead of time for each
+# size it uses (see `Engine._program`), and every engine of one model on one mesh shares what was compiled.
+@functools.partial(jax.jit, static_argnames=("shape", "mesh", "vocab_size"), donate_argnums=1)
 def _insert(
     params,
     state: SlotState,
+    count,
     tokens_AP,
     length_A,
     slot_A,
@@ -125,57 +131,89 @@ def _insert(
     shape: ModelShape,
     mesh: Mesh,
     vocab_size: int,
-    eos_id: int,
-    prompt_logprobs: bool,
-) -> tuple[SlotState, Sampled, Logprobs | None]:
-    """Prefill A prompts (right-padded to P) into a fresh cache, copy it into the slots `slot_A` (a slot past
-    the batch is a filler row, dropped), and draw each row's first id; with `prompt_logprobs`, also score
-    every prompt token after the first (entry t - 1 is token t's)."""
-    temperature_A, top_k_A, top_p_A, max_tokens_A, logprobs_A = settings
+) -> tuple[SlotState, Logprobs]:
+    """Prefill the first `count` of A prompts (right-padded to P) one after another, each into a fresh cache
+    copied into its slot `slot_A[a]` (the rows past `count` are fillers, and their slots past the batch).
+    The count is a traced loop bound, so one program serves any number of rows: a program per P alone.
+    Each slot then holds all but its prompt's last token, which the next decode step feeds to draw the
+    row's first id: every id is drawn by `_decode`, and this program samples nothing. A row that asks for
+    them also gets its prompt tokens' log-probabilities after the first (entry t - 1 is token t's)."""
+    temperature_A, top_k_A, top_p_A, max_tokens_A, logprobs_A, prompt_logprobs_A = settings
+    model = build(shape)
     A, P = tokens_AP.shape
-    key_A2 = jax.vmap(jax.random.fold_in)(seed_A2, choice_A)
-    with sharding.activation_sharding(mesh):
-        fresh = KVCache.empty(shape, A, P)
-        k, v = jax.lax.with_sharding_constraint(
-            (fresh.k_BHKS, fresh.v_BHSK), sharding.kv_cache_sharding(mesh)
-        )
-        logits_APV, fresh = build(shape).apply(params, None, tokens_AP, fresh._replace(k_BHKS=k, v_BHSK=v))
-    last_AV = jnp.take_along_axis(logits_APV, (length_A - 1)[:, None, None], axis=1)[:, 0]
-    first_A = sample_next(
-        last_AV, key_A2, jnp.zeros_like(length_A), temperature_A, top_k_A, top_p_A, vocab_size
+    N = MAX_LOGPROBS
+    no_scores_1 = Logprobs(
+        jnp.zeros((1, P - 1)), jnp.zeros((1, P - 1, N), jnp.int32), jnp.zeros((1, P - 1, N))
     )
-    wanted_A = max_tokens_A > 0
-    first_A = jnp.where(wanted_A, first_A, -1)
-    count_A = wanted_A.astype(jnp.int32)
-    done_A = (count_A >= max_tokens_A) | (first_A == eos_id)
 
+    def prefill(a, carry):
+        cache, scores = carry
+        tokens_1P = jax.lax.dynamic_slice_in_dim(tokens_AP, a, 1)
+        with sharding.activation_sharding(mesh):
+            fresh = KVCache.empty(shape, 1, P)
+            k, v = jax.lax.with_sharding_constraint(
+                (fresh.k_BHKS, fresh.v_BHSK), sharding.kv_cache_sharding(mesh)
+            )
+            logits_1PV, fresh = model.apply(params, None, tokens_1P, fresh._replace(k_BHKS=k, v_BHSK=v))
+        at = (slot_A[a], 0, 0, 0)
+        cache = KVCache(
+            tuple(
+                jax.lax.dynamic_update_slice(k, f, at)
+                for k, f in zip(cache.k_BHKS, fresh.k_BHKS, strict=True)
+            ),
+            tuple(
+                jax.lax.dynamic_update_slice(v, f, at)
+                for v, f in zip(cache.v_BHSK, fresh.v_BHSK, strict=True)
+            ),
+            cache.length_B,
+        )
+        row_scores = jax.lax.cond(
+            prompt_logprobs_A[a],
+            lambda: token_logprobs(logits_1PV[:, :-1], tokens_1P[:, 1:], vocab_size),
+            lambda: no_scores_1,
+        )
+        scores = jax.tree.map(
+            lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r, a, 0), scores, row_scores
+        )
+        return cache, scores
+
+    no_scores = jax.tree.map(lambda x: jnp.zeros((A, *x.shape[1:]), x.dtype), no_scores_1)
+    cache, scores = jax.lax.fori_loop(0, count, prefill, (state.cache, no_scores))
+    last_A = jnp.take_along_axis(tokens_AP, (length_A - 1)[:, None], axis=1)[:, 0]
     put = lambda x, new: x.at[slot_A].set(new, mode="drop")  # noqa: E731
-    cache = KVCache(
-        tuple(
-            k.at[slot_A, :, :, :P].set(f, mode="drop")
-            for k, f in zip(state.cache.k_BHKS, fresh.k_BHKS, strict=True)
-        ),
-        tuple(
-            v.at[slot_A, :, :P].set(f, mode="drop")
-            for v, f in zip(state.cache.v_BHSK, fresh.v_BHSK, strict=True)
-        ),
-        put(state.cache.length_B, length_A),
-    )
     state = SlotState(
-        cache,
-        put(state.next_B, first_A),
-        put(state.count_B, count_A),
-        put(state.done_B, done_A),
-        put(state.key_B2, key_A2),
+        cache._replace(length_B=put(cache.length_B, length_A - 1)),  # the last token is the next input
+        put(state.next_B, last_A),
+        put(state.count_B, jnp.zeros_like(length_A)),
+        put(state.done_B, max_tokens_A <= 0),
+        put(state.key_B2, jax.vmap(jax.random.fold_in)(seed_A2, choice_A)),
         put(state.temperature_B, temperature_A),
         put(state.top_k_B, top_k_A),
         put(state.top_p_B, top_p_A),
         put(state.max_tokens_B, max_tokens_A),
         put(state.logprobs_B, logprobs_A),
     )
-    first = Sampled(first_A, token_logprobs(last_AV, first_A, vocab_size))
-    prompt = token_logprobs(logits_APV[:, :-1], tokens_AP[:, 1:], vocab_size) if prompt_logprobs else None
-    return _pin(state, mesh), first, prompt
+    return _pin(state, mesh), scores
+
+
+def _take_rows(state: SlotState, rows_R: jax.Array) -> SlotState:
+    """The slots `rows_R` of the state; an index past the batch is a filler row (done, greedy, unfiltered)."""
+    fill = dict(done_B=True, top_p_B=1.0)
+    take = lambda x, name: x.at[rows_R].get(mode="fill", fill_value=fill.get(name, 0))  # noqa: E731
+    cache = state.cache
+    return SlotState(
+        KVCache(
+            tuple(take(k, "k") for k in cache.k_BHKS),
+            tuple(take(v, "v") for v in cache.v_BHSK),
+            take(cache.length_B, "length_B"),
+        ),
+        **{name: take(getattr(state, name), name) for name in SlotState._fields[1:]},
+    )
+
+
+def _put_rows(state: SlotState, rows_R: jax.Array, rows: SlotState) -> SlotState:
+    """`state` with the slots `rows_R` replaced by `rows` (filler indices past the batch are dropped)."""
+    return jax.tree.map(lambda x, new: x.at[rows_R].set(new, mode="drop"), state, rows)
 
 
 @functools.partial(
@@ -184,6 +222,7 @@ def _insert(
 def _decode(
     params,
     state: SlotState,
+    rows_R,
     release_B,
     limit,
     stop_early,
@@ -193,48 +232,53 @@ def _decode(
     vocab_size: int,
     eos_id: int,
     steps: int,
-) -> tuple[SlotState, Sampled]:
-    """Up to `limit` (<= `steps`) ids of every live row, after marking the `release_B` rows done. Stops
-    early once no row is live, or with `stop_early` (a request waits for a slot) once a row finishes."""
+) -> tuple[SlotState, Sampled, jax.Array]:
+    """Up to `limit` (<= `steps`) ids of every live row among the slots `rows_R` (R of the batch's B; every
+    slot, in order, when R == B), after marking the `release_B` rows done: the decoded rows are taken out of
+    the state once per call, so that a step computes R rows, not B. Stops early once no row is live, or
+    with `stop_early` (a request waits for a slot) once a row finishes. Entry r of the ids is slot
+    rows_R[r]'s, and so is entry r of the rows' done flags returned with them."""
     model = build(shape)
-    B = state.done_B.shape[0]
+    B, R = state.done_B.shape[0], rows_R.shape[0]
     state = state._replace(done_B=state.done_B | release_B)
-    done_before_B = state.done_B
-    zeros = lambda dtype, *shape_: jnp.zeros((B, *shape_), dtype)  # noqa: E731
+    rows = state if R == B else _pin(_take_rows(state, rows_R), mesh)
+    done_before_R = rows.done_B
+    zeros = lambda dtype, *shape_: jnp.zeros((R, *shape_), dtype)  # noqa: E731
     N = MAX_LOGPROBS
     no_logprobs = Logprobs(zeros(jnp.float32), zeros(jnp.int32, N), zeros(jnp.float32, N))
 
     def step(carry):
         i, s, out = carry
         with sharding.activation_sharding(mesh):
-            logits_B1V, cache = model.apply(params, None, s.next_B[:, None], s.cache)
-        logits_BV = logits_B1V[:, 0]
-        next_B = sample_next(
-            logits_BV, s.key_B2, s.count_B, s.temperature_B, s.top_k_B, s.top_p_B, vocab_size
+            logits_R1V, cache = model.apply(params, None, s.next_B[:, None], s.cache)
+        logits_RV = logits_R1V[:, 0]
+        next_R = sample_next(
+            logits_RV, s.key_B2, s.count_B, s.temperature_B, s.top_k_B, s.top_p_B, vocab_size
         )
-        live_B = ~s.done_B
+        live_R = ~s.done_B
         logprobs = jax.lax.cond(
-            jnp.any(live_B & s.logprobs_B),
-            lambda: token_logprobs(logits_BV, next_B, vocab_size),
+            jnp.any(live_R & s.logprobs_B),
+            lambda: token_logprobs(logits_RV, next_R, vocab_size),
             lambda: no_logprobs,
         )
-        drawn = Sampled(jnp.where(live_B, next_B, -1), logprobs)
+        drawn = Sampled(jnp.where(live_R, next_R, -1), logprobs)
         out = jax.tree.map(lambda o, x: o.at[:, i].set(x), out, drawn)
-        count_B = s.count_B + live_B
-        done_B = s.done_B | (next_B == eos_id) | (count_B >= s.max_tokens_B)
-        return i + 1, s._replace(cache=cache, next_B=next_B, count_B=count_B, done_B=done_B), out
+        count_R = s.count_B + live_R
+        done_R = s.done_B | (next_R == eos_id) | (count_R >= s.max_tokens_B)
+        return i + 1, s._replace(cache=cache, next_B=next_R, count_B=count_R, done_B=done_R), out
 
     def more(carry):
         i, s, _ = carry
-        finished = jnp.any(s.done_B & ~done_before_B)
+        finished = jnp.any(s.done_B & ~done_before_R)
         return (i < limit) & ~jnp.all(s.done_B) & ~(stop_early & finished)
 
     out = Sampled(
-        jnp.full((B, steps), -1, jnp.int32),
+        jnp.full((R, steps), -1, jnp.int32),
         Logprobs(zeros(jnp.float32, steps), zeros(jnp.int32, steps, N), zeros(jnp.float32, steps, N)),
     )
-    _, state, out = jax.lax.while_loop(more, step, (0, state, out))
-    return _pin(state, mesh), out
+    _, rows, out = jax.lax.while_loop(more, step, (0, rows, out))
+    state = rows if R == B else _put_rows(state, rows_R, rows)
+    return _pin(state, mesh), out, rows.done_B
 
 
 # ----- the host side -----
@@ -269,20 +313,36 @@ class Engine:
     waiting rows into free slots and then decodes one chunk of every live row. Not thread-safe: one thread
     drives it (the server's worker, or `Generator.generate`).
 
+    Arrivals are prefilled by one call, their prompts padded to a power of two P, and the live rows
+    decoded R at a time, R one of the generator's `batch_sizes`: each P and R is one program, compiled
+    ahead of time when first used, or all of them by `warm_up()` (a server's start), after which traffic
+    compiles nothing.
+
     A device call that fails fails the rows it was for (a failed decode: every live row) and the engine goes
     on with the others; a listener that raises fails its own row only."""
 
-    def __init__(self, generator: Generator, *, batch: int, slots: int, prefill_tokens: int = PREFILL_TOKENS):
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        batch: int,
+        slots: int,
+        prefill_tokens: int = PREFILL_TOKENS,
+        subsets: bool = True,
+    ):
+        """Without `subsets`, every decode call computes all `batch` rows: one decode program, for an engine
+        too short-lived to repay the compilation of the others (`Generator.generate`)."""
         assert batch % generator.mesh.shape[sharding.DP] == 0, "rows are split evenly over dp"
         self.generator, self.batch, self.slots = generator, batch, slots
         self.prefill_tokens = max(prefill_tokens, slots)
-        self.insert_sizes = sorted({b for b in generator.batch_sizes if b < batch} | {batch})
+        smaller = {b for b in generator.batch_sizes if b < batch} if subsets else set()
+        self.sizes = sorted(smaller | {batch})
         self.chunk_tokens = generator.chunk_tokens
-        g = generator
-        self._programs = dict(shape=g.shape, mesh=g.mesh, vocab_size=g.vocab_size, eos_id=g.eos_id_or_none)
+        self.compiles = 0  # programs this engine compiled (none on the request path after `warm_up`)
         self._state: SlotState | None = None
         self._free = list(range(batch))  # a heap: new rows take the lowest free slot
         self._live: dict[int, _Live] = {}
+        self._fresh = False  # a row was admitted since the last decode call: the next one draws 1 id
         self._waiting: collections.deque[tuple[Row, Listener]] = collections.deque()
         self._release = np.zeros(batch, bool)  # slots the host finished since the last decode call
         self.device_calls = 0
@@ -321,6 +381,87 @@ class Engine:
         if self._live:
             self._decode_chunk()
 
+    # ----- programs -----
+
+    def program_sizes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every program this engine can run: its empty state, ("insert", (P,)) for each prompt length
+        bucket, and ("decode", (R,)) for each number of decoded rows."""
+        prompts = sorted({bucket(n, MIN_PROMPT_BUCKET, self.slots) for n in range(1, self.slots + 1)})
+        inserts = [("insert", (P,)) for P in prompts]
+        return [("empty", ()), *inserts, *(("decode", (R,)) for R in self.sizes)]
+
+    def warm_up(self, threads: int | None = None) -> int:
+        """Compile every program this engine can run (`threads` at a time; default: one per CPU core), so
+        that no request waits for a compilation; returns how many were compiled (engines of the same model
+        and sizes share programs: a second warm-up compiles nothing)."""
+        before = self.compiles
+        sizes = self.program_sizes()
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            list(pool.map(lambda kind_size: self._program(*kind_size), sizes))
+        return self.compiles - before
+
+    def _program(self, kind: str, size: tuple[int, ...]) -> Any:
+        """The compiled program `kind` of `size`, compiled now if no engine has compiled it yet."""
+        key = (kind, size, self.batch, self.slots, self.chunk_tokens, self.generator.signature)
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            compiled = self._lower(kind, size).compile()
+            with _COMPILING:
+                if key not in _COMPILED:
+                    _COMPILED[key] = compiled
+                    self.compiles += 1
+        return _COMPILED[key]
+
+    def _lower(self, kind: str, size: tuple[int, ...]) -> jax.stages.Lowered:
+        g = self.generator
+        programs = dict(shape=g.shape, mesh=g.mesh)
+        if kind == "empty":
+            return _empty_state.lower(batch=self.batch, slots=self.slots, **programs)
+        empty = self._program("empty", ())
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            empty.out_info,
+            empty.output_shardings,
+        )
+        rows = lambda *shape_and_dtype: g.abstract_rows(*shape_and_dtype)  # noqa: E731
+        i32 = jnp.int32
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)  # noqa: E731
+        if kind == "insert":
+            (P,) = size
+            A = self.batch
+            settings = tuple(rows((A,), dtype) for dtype in _SETTINGS_DTYPES)
+            arrivals = (rows((A, P), i32), rows((A,), i32), rows((A,), i32))
+            seeds = (rows((A, 2), jnp.uint32), rows((A,), jnp.uint32))
+            return _insert.lower(
+                g.abstract_params,
+                state,
+                scalar(i32),
+                *arrivals,
+                *seeds,
+                settings,
+                vocab_size=g.vocab_size,
+                **programs,
+            )
+        (R,) = size
+        return _decode.lower(
+            g.abstract_params,
+            state,
+            rows((R,), i32),
+            rows((self.batch,), bool),
+            scalar(i32),
+            scalar(bool),
+            vocab_size=g.vocab_size,
+            eos_id=g.eos_id_or_none,
+            steps=self.chunk_tokens,
+            **programs,
+        )
+
+    def _run_insert(self, size: tuple[int], *args) -> tuple[SlotState, Logprobs]:
+        return self._program("insert", size)(self.generator.params, *args)
+
+    def _run_decode(self, rows: int, *args) -> tuple[SlotState, Sampled, jax.Array]:
+        return self._program("decode", (rows,))(self.generator.params, *args)
+
     # ----- admitting rows -----
 
     def _take_arrivals(self) -> list[tuple[Row, Listener]]:
@@ -334,8 +475,7 @@ class Engine:
                 self.report(listener.on_done, Completion([], "", "cancelled", 0))
                 continue
             n = max(longest, len(row.prompt_ids))
-            rows = next(b for b in self.insert_sizes if b > len(taken))
-            if taken and rows * bucket(n, MIN_PROMPT_BUCKET, self.slots) > self.prefill_tokens:
+            if taken and (len(taken) + 1) * bucket(n, MIN_PROMPT_BUCKET, self.slots) > self.prefill_tokens:
                 break
             taken.append(self._waiting.popleft())
             longest = n
@@ -345,15 +485,15 @@ class Engine:
         taken = self._take_arrivals()
         if not taken:
             return
-        A = next(b for b in self.insert_sizes if b >= len(taken))
+        A = self.batch  # rows past the taken ones are fillers, which the program skips
         P = bucket(max(len(row.prompt_ids) for row, _ in taken), MIN_PROMPT_BUCKET, self.slots)
         tokens_AP = np.zeros((A, P), np.int32)
         length_A = np.ones(A, np.int32)  # filler rows: one token, nothing to generate
         slot_A = np.full(A, self.batch, np.int32)  # past the batch: dropped
         seed_A2, choice_A = np.zeros((A, 2), np.uint32), np.zeros(A, np.uint32)
-        temperature_A, top_p_A = np.zeros(A, np.float32), np.ones(A, np.float32)
-        top_k_A, max_tokens_A = np.zeros(A, np.int32), np.zeros(A, np.int32)
-        logprobs_A = np.zeros(A, bool)
+        settings = [np.zeros(A, dtype) for dtype in _SETTINGS_DTYPES]
+        temperature_A, top_k_A, top_p_A, max_tokens_A, logprobs_A, prompt_logprobs_A = settings
+        top_p_A[:] = 1
         slots = [heapq.heappop(self._free) for _ in taken]
         for a, ((row, _), slot) in enumerate(zip(taken, slots, strict=True)):
             p = row.params
@@ -364,19 +504,17 @@ class Engine:
             temperature_A[a] = min(p.temperature, MAX_TEMPERATURE)
             top_k_A[a] = min(p.top_k, self.generator.vocab_size)
             top_p_A[a], max_tokens_A[a], logprobs_A[a] = p.top_p, p.max_tokens, p.logprobs is not None
+            prompt_logprobs_A[a] = p.prompt_logprobs
         put = self.generator.put_rows
-        settings = tuple(put(x) for x in (temperature_A, top_k_A, top_p_A, max_tokens_A, logprobs_A))
-        with_prompt = any(row.params.prompt_logprobs for row, _ in taken)
         try:
-            state, first, prompt = _insert(
-                self.generator.params,
+            state, prompt = self._run_insert(
+                (P,),
                 self._state if self._state is not None else self._empty(),
+                np.int32(len(taken)),
                 *(put(x) for x in (tokens_AP, length_A, slot_A, seed_A2, choice_A)),
-                settings,
-                prompt_logprobs=with_prompt,
-                **self._programs,
+                tuple(put(x) for x in settings),
             )
-            first, prompt = jax.device_get((first, prompt))
+            prompt = jax.device_get(prompt) if prompt_logprobs_A.any() else None
         except Exception as error:  # noqa: BLE001 - the rows are answered with it; the engine goes on
             for slot in slots:
                 heapq.heappush(self._free, slot)
@@ -397,47 +535,53 @@ class Engine:
                 ]
             tracker = TextTracker(row, self.generator.detokenize, self.generator.eos_id)
             self._live[slot] = _Live(row, listener, tracker, prompt_logprobs)
-            ids = [int(first.ids[a])] if first.ids[a] >= 0 else []
-            logprobs = [_token_logprob(first.logprobs, (a,), t, row.params.logprobs) for t in ids]
-            self._deliver(slot, ids, logprobs, device_done=len(ids) >= row.params.max_tokens)
+            if row.params.max_tokens == 0:  # scoring only: nothing to draw
+                self._deliver(slot, [], [], device_done=True)
+            else:
+                self._fresh = True
 
     def _empty(self) -> SlotState:
-        g = self.generator
-        return _empty_state(shape=g.shape, mesh=g.mesh, batch=self.batch, slots=self.slots)
+        return self._program("empty", ())()
 
     # ----- decoding -----
 
     def _decode_chunk(self) -> None:
+        """Decode the live slots: R of them (the smallest size that holds them; all, in order, at R = B),
+        one id each right after an admission (its rows' first ids), else up to a chunk."""
+        live = sorted(self._live)
+        R = next(b for b in self.sizes if b >= len(live))
+        slots = list(range(self.batch)) if R == self.batch else live
+        rows_R = np.full(R, self.batch, np.int32)  # past the batch: a filler row
+        rows_R[: len(slots)] = slots
         stop_early = bool(self._waiting) and not self._free  # a waiting row needs a slot
+        limit = 1 if self._fresh else self.chunk_tokens
         put = self.generator.put_rows
         try:
-            state, out = _decode(
-                self.generator.params,
-                self._state,
-                put(self._release.copy()),
-                np.int32(self.chunk_tokens),
-                np.bool_(stop_early),
-                steps=self.chunk_tokens,
-                **self._programs,
+            state, out, done_R = self._run_decode(
+                R, self._state, put(rows_R), put(self._release.copy()), np.int32(limit), np.bool_(stop_early)
             )
-            out, done_B = jax.device_get((out, state.done_B))
+            out, done_R = jax.device_get((out, done_R))
         except Exception as error:  # noqa: BLE001 - every live row is answered with it
             self._reset(error)
             return
         self._state = state
         self._release[:] = False
+        self._fresh = False
         self.device_calls += 1
-        for slot, live in list(self._live.items()):
-            drawn = out.ids[slot] >= 0
-            ids = out.ids[slot][drawn].tolist()
+        for r, slot in enumerate(slots):
+            if slot not in self._live:
+                continue
+            live = self._live[slot]
+            drawn = out.ids[r] >= 0
+            ids = out.ids[r][drawn].tolist()
             logprobs = []
             if live.row.params.logprobs is not None:
                 steps = np.flatnonzero(drawn)
                 logprobs = [
-                    _token_logprob(out.logprobs, (slot, c), t, live.row.params.logprobs)
+                    _token_logprob(out.logprobs, (r, c), t, live.row.params.logprobs)
                     for c, t in zip(steps, ids, strict=True)
                 ]
-            self._deliver(slot, ids, logprobs, bool(done_B[slot]))
+            self._deliver(slot, ids, logprobs, bool(done_R[r]))
 
     def _deliver(self, slot: int, ids: list[int], logprobs: list[TokenLogprob], device_done: bool) -> None:
         live = self._live[slot]
@@ -554,10 +698,20 @@ class Generator:
             f"batch_sizes {batch_sizes} must reach max_batch {max_batch}"
         )
         self.params = place_params(params, shape, self.mesh)
+        self.abstract_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params
+        )
+        # What a compiled program depends on besides its sizes: engines of equal signatures share programs.
+        leaves, tree = jax.tree.flatten(self.abstract_params)
+        self.signature = (shape, self.mesh, self.vocab_size, self.eos_id_or_none, tree, tuple(leaves))
 
     def put_rows(self, x: np.ndarray) -> jax.Array:
         """A per-row host array on the mesh, rows split over dp."""
         return jax.device_put(x, sharding.row_sharding(self.mesh, x.ndim))
+
+    def abstract_rows(self, shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+        """What `put_rows` makes of a host array of this shape and dtype, for compiling ahead of time."""
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.row_sharding(self.mesh, len(shape)))
 
     def check(self, row: Row) -> None:
         """Raise a `SamplingError` naming what is wrong with a row this model cannot complete."""
@@ -596,7 +750,7 @@ class Generator:
         batch = next(b for b in self.batch_sizes if b >= min(len(rows), self.max_batch))
         prompt = bucket(max(len(r.prompt_ids) for r in rows), MIN_PROMPT_BUCKET, self.seq)
         output = bucket(max(r.params.max_tokens for r in rows), MIN_OUTPUT_BUCKET, self.seq)
-        engine = Engine(self, batch=batch, slots=min(self.seq, prompt + output))
+        engine = Engine(self, batch=batch, slots=min(self.seq, prompt + output), subsets=False)
         results: list[Completion | Exception | None] = [None] * len(rows)
         for i, row in enumerate(rows):
             engine.add(row, _Collect(i, results, on_text, cancelled))

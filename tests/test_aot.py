@@ -79,9 +79,9 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
     assert state.cache.k_BHKS[0].shape == (B, 16, 256, S)
     assert state.cache.k_BHKS[0].sharding.spec == PartitionSpec(None, "mp")
     row = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=sharding.row_sharding(mesh, len(shp)))  # noqa: E731
-    i32, f32 = jnp.int32, jnp.float32
-    settings = (row((B,), f32), row((B,), i32), row((B,), f32), row((B,), i32), row((B,), bool))
-    programs = dict(shape=shape, mesh=mesh, vocab_size=50257, eos_id=50256)
+    i32 = jnp.int32
+    settings = tuple(row((B,), dtype) for dtype in engine._SETTINGS_DTYPES)
+    programs = dict(shape=shape, mesh=mesh, vocab_size=50257)
     arrivals = (
         row((B, P), i32),
         row((B,), i32),
@@ -89,12 +89,20 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
         row((B, 2), jnp.uint32),
         row((B,), jnp.uint32),
     )
-    insert = engine._insert.lower(params, state, *arrivals, settings, prompt_logprobs=False, **programs)
+    insert = engine._insert.lower(params, state, jnp.int32(B), *arrivals, settings, **programs)
     memory = insert.compile().memory_analysis()
     assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 16 * GiB
 
     decode = engine._decode.lower(
-        params, state, row((B,), bool), jnp.int32(32), jnp.bool_(False), steps=32, **programs
+        params,
+        state,
+        row((B,), i32),
+        row((B,), bool),
+        jnp.int32(32),
+        jnp.bool_(False),
+        eos_id=50256,
+        steps=32,
+        **programs,
     ).compile()
     memory = decode.memory_analysis()
     per_core = memory.argument_size_in_bytes + memory.temp_size_in_bytes

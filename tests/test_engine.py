@@ -1,7 +1,8 @@
 """Continuous batching and sampling semantics: rows beyond the slots reuse freed slots and give what they
-give alone, a long row does not hold short ones back, prefill shapes stay bucketed, a failing listener fails
-its row only; top-k then top-p as transformers' warpers, top_p 1 never filtered beside a top-p batch-mate,
-and a stop string completing inside a multi-byte character never streamed."""
+give alone, a long row does not hold short ones back, prefill shapes stay bucketed (and `warm_up` compiles
+every program traffic runs), a failing listener fails its row only; top-k then top-p as transformers'
+warpers, top_p 1 never filtered beside a top-p batch-mate, and a stop string completing inside a multi-byte
+character never streamed."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,6 @@ import torch
 from test_sampling import SEQ, SHAPE, tiny_params, tiny_tokenizer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from mesh_transformer import engine as engine_module
 from mesh_transformer.engine import Engine, Generator
 from mesh_transformer.sampling import Row, SamplingParams, TextTracker, filter_top_k_top_p
 
@@ -76,7 +76,8 @@ def test_a_short_row_finishes_while_a_long_one_goes_on(generator):
     engine.add(Row([1, 2, 3], SamplingParams(max_tokens=100, temperature=0)), long)
     engine.step()
     engine.add(Row([4, 5], SamplingParams(max_tokens=3, temperature=0)), short)
-    engine.step()
+    for _ in range(2):  # its first id right after its prefill, then the other two
+        engine.step()
     assert short.completion is not None and short.completion.generated_tokens == 3
     assert long.completion is None and engine.live == 1
     long.stop = True
@@ -84,15 +85,18 @@ def test_a_short_row_finishes_while_a_long_one_goes_on(generator):
     assert long.completion.finish_reason == "cancelled" and not engine.busy
 
 
-def test_prefill_shapes_are_bucketed(generator):
+def test_prefill_shapes_are_bucketed_and_warm_up_covers_every_program_traffic_runs(generator):
     engine = Engine(generator, batch=4, slots=SEQ)
-    before = engine_module._insert._cache_size()
-    for n in (1, 3, 7, 12, 16, 2, 9):  # prompts of 1..16 tokens, one to three at a time: A in {1, 4}, P 16
+    used, program = set(), engine._program
+    engine._program = lambda kind, size: used.add((kind, size)) or program(kind, size)
+    for n in (1, 3, 7, 12, 16, 2, 9):  # prompts of 1..16 tokens, one to three at a time
         for _ in range(1 + n % 3):
-            engine.add(Row(list(range(1, n + 1)), SamplingParams(max_tokens=2)), Collect())
+            engine.add(Row(list(range(1, n + 1)), SamplingParams(max_tokens=2 + n % 4)), Collect())
         while engine.busy:
             engine.step()
-    assert engine_module._insert._cache_size() - before <= 2
+    assert {size for kind, size in used if kind == "insert"} == {(16,)}  # whatever the number of rows
+    assert {size for kind, size in used if kind == "decode"} == {(1,), (4,)}  # live rows: 1, or 2-3 of 4
+    assert used <= set(engine.program_sizes())  # what `warm_up` compiles
 
 
 def test_a_listener_that_raises_fails_its_own_row_only(generator):

@@ -24,7 +24,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_sampling import SEQ, SHAPE, full_logits, tiny_params, tiny_tokenizer
 
-from mesh_transformer import engine as engine_module
 from mesh_transformer.engine import Generator
 from mesh_transformer.sampling import Row, SamplingParams
 from mesh_transformer.serving import ServerOptions, build_app
@@ -607,14 +606,15 @@ def test_a_failure_inside_generation_answers_that_request_500_and_the_others_go_
     server, tokenizer, monkeypatch
 ):
     poison = tokenizer.encode("fox").ids[0]
-    insert = engine_module._insert
+    engine = server.worker.engine
+    insert = engine._run_insert
 
-    def failing_insert(params, state, tokens_AP, *args, **kwargs):
+    def failing_insert(size, state, count, tokens_AP, *args):
         if poison in np.asarray(tokens_AP):
             raise RuntimeError("injected prefill failure")
-        return insert(params, state, tokens_AP, *args, **kwargs)
+        return insert(size, state, count, tokens_AP, *args)
 
-    monkeypatch.setattr(engine_module, "_insert", failing_insert)
+    monkeypatch.setattr(engine, "_run_insert", failing_insert)
     long_body = {"prompt": "Hello", "max_tokens": 16, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=long_body, timeout=60) as r:
         lines = r.iter_lines()
@@ -626,17 +626,17 @@ def test_a_failure_inside_generation_answers_that_request_500_and_the_others_go_
     streamed = json.loads(first[6:])["choices"][0]["text"] + "".join(e["choices"][0]["text"] for e in rest)
     assert streamed == alone(server, "Hello", max_tokens=16, temperature=0)
 
-    decode, calls = engine_module._decode, []
+    decode, calls = engine._run_decode, []
 
-    def failing_decode(*args, **kwargs):  # the state is donated, then the call fails: all of it is lost
+    def failing_decode(*args):  # the state is donated, then the call fails: all of it is lost
         calls.append(1)
-        result = decode(*args, **kwargs)
+        result = decode(*args)
         if len(calls) == 1:
             jax.block_until_ready(result)
             raise RuntimeError("injected decode failure")
         return result
 
-    monkeypatch.setattr(engine_module, "_decode", failing_decode)
+    monkeypatch.setattr(engine, "_run_decode", failing_decode)
     failed = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 16})
     assert failed.status_code == 500 and "injected decode failure" in failed.json()["error"]["message"]
     ok = post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 16, "temperature": 0})
@@ -715,14 +715,24 @@ def test_device_sample_script_completes_and_serves_completions_and_chat(tmp_path
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
     port = free_port()
     serving = subprocess.Popen(
-        [*script, "--serve", "--port", str(port), "--chat-template", str(tmp_path / "chat.jinja")],
+        # One slot: the fewest programs for the server to compile before it serves.
+        [
+            *script,
+            "--serve",
+            "--port",
+            str(port),
+            "--max-batch",
+            "1",
+            "--chat-template",
+            str(tmp_path / "chat.jinja"),
+        ],
         env={**os.environ, "MESH_TRANSFORMER_API_KEY": "k3y"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:  # loading and compiling take a while in a fresh process
+        while True:  # loading and compiling every program take a while in a fresh process
             assert serving.poll() is None and time.monotonic() < deadline, "the server did not come up"
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:

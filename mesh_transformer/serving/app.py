@@ -42,6 +42,7 @@ class ServerOptions:
     complete_max_tokens: int = 256  # what the original /complete route always generated
     max_body_bytes: int = 4 << 20  # larger request bodies are refused with 413 before they are read
     chat_template: ChatTemplate | None = None  # /v1/chat/completions answers 400 without one
+    warm_up: bool = False  # compile every engine program before serving, so that no request waits for one
 
 
 class _Disconnected(Exception):
@@ -170,7 +171,10 @@ def build_app(generator: Generator, options: ServerOptions = ServerOptions()) ->
     """The FastAPI app serving `generator` (its tokenizer encodes prompts and decodes completions)."""
     if generator.tokenizer is None:
         raise ValueError("serving needs a generator with a tokenizer")
-    worker = Worker(generator.engine(options.max_batch), options.max_queue)
+    engine = generator.engine(options.max_batch)
+    if options.warm_up:
+        engine.warm_up()
+    worker = Worker(engine, options.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
