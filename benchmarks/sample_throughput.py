@@ -30,12 +30,13 @@ import torch  # noqa: E402
 
 from mesh_transformer.engine import Generator  # noqa: E402
 from mesh_transformer.hf import hf_tensors  # noqa: E402
-from mesh_transformer.model import ModelShape, build  # noqa: E402
+from mesh_transformer.models import Model, build  # noqa: E402
+from mesh_transformer.models.gptj import GPTJ  # noqa: E402
 from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 
 SHAPES = {
-    "demo": ModelShape(4, 256, 4, 4096, 32, "float32", "none"),
-    "wide": ModelShape(4, 512, 8, 8192, 32, "float32", "none"),
+    "demo": GPTJ(layers=4, d_model=256, n_heads=4, n_vocab=4096, d_ff=1024, rotary_dims=32),
+    "wide": GPTJ(layers=4, d_model=512, n_heads=8, n_vocab=8192, d_ff=2048, rotary_dims=32),
 }
 SHAPE = SHAPES["wide"]  # the server measurement's model
 LAYER_MATRICES = ("qkv_proj", "out_proj", "fc_in", "fc_out")  # as generation keeps them
@@ -95,7 +96,7 @@ def weights_only(generator: Generator, batch: int):
     return lambda: run(x_BD).block_until_ready()
 
 
-def hf_model(shape: ModelShape, params, positions: int = SEQ):
+def hf_model(shape: Model, params, positions: int = SEQ):
     from transformers import GPTJConfig, GPTJForCausalLM
 
     config = GPTJConfig(
@@ -110,7 +111,7 @@ def hf_model(shape: ModelShape, params, positions: int = SEQ):
         eos_token_id=0,  # never reached: every generation is forced to NEW tokens
     )
     model = GPTJForCausalLM(config).eval()
-    state = {name: torch.from_numpy(np.array(v)) for name, v in hf_tensors(params, shape.layers)}
+    state = {name: torch.from_numpy(np.array(v)) for name, v in hf_tensors(params, shape)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("attn.bias" in m or "masked_bias" in m for m in missing), (
         missing,

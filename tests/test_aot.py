@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mesh_transformer import aot, engine, sharding
 from mesh_transformer.config import ConfigError, from_dict, load_config
 from mesh_transformer.memory import GiB, abstract_params
-from mesh_transformer.model import ModelShape, unstack_layers
+from mesh_transformer.models import model_for
 from mesh_transformer.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +56,9 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
     GiB; prefilling 8 prompts of 64 tokens into the slots fits too."""
     config = shipped_config("6B_roto_256")
     mesh = engine.sampling_mesh(config.mp, aot.tpu_devices("v3:2x2"))
-    shape = ModelShape.from_config(config)
+    shape = model_for(config)
     stacked = engine.inference_params_target(shape, abstract_params(config), mesh)
-    layers = jax.eval_shape(lambda p: unstack_layers(p, shape.layers), stacked)
+    layers = jax.eval_shape(shape.decode_layout, stacked)
     specs = sharding.param_specs(layers, sharding.logical_rules())
     params = jax.tree.map(
         lambda p, spec: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, spec)),
