@@ -26,6 +26,7 @@ ROOT = "gpt_neo"
 QKV = L.Fused("qkv_proj", ("q_proj", "k_proj", "v_proj"))
 ATTENTION_TYPES = ("global", "local")
 TABLE_STD = 0.02  # Hugging Face's initializer_range, for the token and position tables
+SCALE_SCORES = False  # GPT-Neo does not divide scores by sqrt(head_dim) (GPT-J and NeoX do: a test's control)
 
 PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"^gpt_neo/wte$", ("vocab", "embed")),
@@ -259,7 +260,7 @@ class Block(hk.Module):
         )
         q_BTHK, k_BTHK, v_BTHK = (L.split_heads(y, m.n_heads) for y in (q, k, v))
         attn_BTD, cache = L.attention(
-            q_BTHK, k_BTHK, v_BTHK, mask, scale=False, dtype=m.compute_dtype, cache=cache
+            q_BTHK, k_BTHK, v_BTHK, mask, scale=SCALE_SCORES, dtype=m.compute_dtype, cache=cache
         )
         x_BTD = x_BTD + dense(m.d_model, out_std, True, "out_proj")(attn_BTD)
 
