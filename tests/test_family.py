@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoXConfig
 
 from mesh_transformer import sharding
 from mesh_transformer.checkpoint import CheckpointManager, save_params
-from mesh_transformer.config import ConfigError, from_dict
+from mesh_transformer.config import ConfigError, from_dict, load_config
 from mesh_transformer.hf import export_checkpoint, load_pretrained_params
-from mesh_transformer.models import KVCache, build, gpt_neo, gpt_neox, model_for
+from mesh_transformer.models import KVCache, build, gpt_neo, gpt_neox, model_for, param_count
 from mesh_transformer.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -474,3 +474,63 @@ def test_every_model_is_hashable_and_a_different_field_is_a_different_program():
     a = model_for(our_config("neox_parallel"))
     assert hash(a) == hash(model_for(our_config("neox_parallel")))
     assert a != dataclasses.replace(a, use_parallel_residual=False)
+
+
+# ----- the shipped configs of the public sizes -----
+
+# name: (model_type, layers, hidden size, heads, vocab_size) of EleutherAI/<name>'s config.json on the Hub
+# (intermediate size 4 x hidden; GPT-Neo alternates global and local layers, window 256, 2048 positions).
+PUBLIC = {
+    "pythia-70m": ("gpt_neox", 6, 512, 8, 50304),
+    "pythia-160m": ("gpt_neox", 12, 768, 12, 50304),
+    "pythia-410m": ("gpt_neox", 24, 1024, 16, 50304),
+    "pythia-1b": ("gpt_neox", 16, 2048, 8, 50304),
+    "pythia-1.4b": ("gpt_neox", 24, 2048, 16, 50304),
+    "pythia-2.8b": ("gpt_neox", 32, 2560, 32, 50304),
+    "pythia-6.9b": ("gpt_neox", 32, 4096, 32, 50432),
+    "pythia-12b": ("gpt_neox", 36, 5120, 40, 50688),
+    "gpt-neox-20b": ("gpt_neox", 44, 6144, 64, 50432),
+    "gpt-neo-125m": ("gpt_neo", 12, 768, 12, 50257),
+    "gpt-neo-1.3b": ("gpt_neo", 24, 2048, 16, 50257),
+    "gpt-neo-2.7b": ("gpt_neo", 32, 2560, 20, 50257),
+}
+
+
+def public_hf_config(model_type: str, layers: int, hidden: int, heads: int, vocab: int):
+    if model_type == "gpt_neox":
+        return GPTNeoXConfig(
+            num_hidden_layers=layers,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+            vocab_size=vocab,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
+    return GPTNeoConfig(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        vocab_size=vocab,
+        window_size=256,
+        max_position_embeddings=2048,
+        attention_types=[[["global", "local"], layers // 2]],
+    )
+
+
+@pytest.mark.parametrize("name", list(PUBLIC))
+def test_each_public_size_config_has_the_parameters_transformers_builds(name):
+    """Each shipped config is its model's architecture and shapes: as many parameters as transformers builds
+    for that config.json on the meta device (with the config's n_vocab, padded to divide by mp), and the
+    model keys its config.json maps to."""
+    config = load_config(os.path.join(ROOT, "configs", f"{name}.json"))
+    model_type, layers, hidden, heads, vocab = PUBLIC[name]
+    assert config.n_vocab - vocab in range(config.mp) and config.seq == 2048
+    hf = public_hf_config(model_type, layers, hidden, heads, vocab)
+    for key, (value, hf_key) in type(model_for(config)).config_from_hf(hf.to_dict(), name).items():
+        assert getattr(config, key) == value, (key, hf_key)
+    hf.vocab_size = config.n_vocab
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf).parameters())
+    assert param_count(model_for(config).abstract_params()) == theirs
