@@ -503,6 +503,62 @@ def read_hf_config(folder: str, config: Config) -> dict:
     return hf
 
 
+# Optimizer settings of a config written for fine-tuning (the model's own keys come from its config.json).
+FINE_TUNE_DEFAULTS: dict[str, Any] = {
+    "per_replica_batch": 1,
+    "warmup_steps": 100,
+    "anneal_steps": 900,
+    "total_steps": 1000,
+    "lr": 1e-5,
+    "end_lr": 1e-6,
+    "weight_decay": 0.0,
+    "ckpt_every": 500,
+    "val_every": 500,
+    "keep_every": 10000,
+}
+FINE_TUNE_SEQUENCES_PER_STEP = 32  # gradient accumulation fills a step with about this many sequences
+
+
+def training_config_from_hf(
+    folder: str, *, tpu_size: int = 8, cores_per_replica: int = 8, seq: int | None = None
+) -> dict[str, Any]:
+    """A training config (as JSON values) for fine-tuning the family checkpoint in `folder`: the
+    architecture and every model key from its config.json, the vocabulary padded to a multiple of
+    `cores_per_replica`, `seq` (default: the model's context) and the fine-tuning optimizer defaults above.
+    Another model type, or shapes the mesh cannot split, is one error naming the value."""
+    from mesh_transformer.config import from_dict
+    from mesh_transformer.models import for_hf_model_type
+
+    path = storage.join(folder, "config.json")
+    try:
+        hf = json.loads(storage.read_text(path))
+    except FileNotFoundError:
+        raise InteropError(f"{folder}: no config.json; expected a Hugging Face model folder") from None
+    except ValueError as e:
+        raise InteropError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise InteropError(f"{path}: holds a {type(hf).__name__}, expected a JSON object")
+    cls = for_hf_model_type(hf.get("model_type"), path)
+    vocab = hf.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise InteropError(f"{path}: vocab_size is {vocab!r}, expected a positive integer")
+    dp = max(tpu_size // cores_per_replica, 1)
+    raw = {
+        "architecture": cls.architecture,
+        **{key: value for key, (value, _) in cls.config_from_hf(hf, path).items()},
+        "n_vocab": -(-vocab // cores_per_replica) * cores_per_replica,
+        "seq": seq if seq is not None else cls.hf_context(hf),
+        "tpu_size": tpu_size,
+        "cores_per_replica": cores_per_replica,
+        **FINE_TUNE_DEFAULTS,
+        "gradient_accumulation_steps": max(1, FINE_TUNE_SEQUENCES_PER_STEP // dp),
+        "name": os.path.basename(os.path.normpath(folder)) or cls.architecture,
+        "comment": f"fine-tune {folder} (written by scripts/hf_config.py)",
+    }
+    from_dict(raw)  # every key valid for this mesh, or one line naming it
+    return raw
+
+
 def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
     """name -> array (torch layout, as stored) over a folder's safetensors or pytorch_model.bin files."""
 
