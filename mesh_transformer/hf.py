@@ -473,20 +473,25 @@ _WEIGHT_FILES = (
 )
 
 
-def read_hf_config(folder: str, config: Config) -> dict:
-    """config.json of a Hugging Face folder of the config's architecture, checked against our config: a
-    disagreeing field is one error naming both."""
+def _config_json(folder: str, expected: str) -> tuple[Any, str]:
+    """(the parsed config.json of a Hugging Face folder, its path); a missing folder or file or bad JSON is
+    one error ending in `expected`."""
     path = storage.join(folder, "config.json")
-    model = model_for(config)
-    expected = f"expected a Hugging Face {model.hf_class} folder"
     if not storage.is_dir(folder):
         raise InteropError(f"{folder}: not found; {expected}")
     try:
-        hf = json.loads(storage.read_text(path))
+        return json.loads(storage.read_text(path)), path
     except FileNotFoundError:
         raise InteropError(f"{folder}: no config.json; {expected}") from None
     except ValueError as e:
         raise InteropError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_hf_config(folder: str, config: Config) -> dict:
+    """config.json of a Hugging Face folder of the config's architecture, checked against our config: a
+    disagreeing field is one error naming both."""
+    model = model_for(config)
+    hf, path = _config_json(folder, f"expected a Hugging Face {model.hf_class} folder")
     if not isinstance(hf, dict) or hf.get("model_type") != model.hf_model_type:
         got = hf.get("model_type") if isinstance(hf, dict) else None
         raise InteropError(
@@ -529,13 +534,7 @@ def training_config_from_hf(
     from mesh_transformer.config import from_dict
     from mesh_transformer.models import for_hf_model_type
 
-    path = storage.join(folder, "config.json")
-    try:
-        hf = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise InteropError(f"{folder}: no config.json; expected a Hugging Face model folder") from None
-    except ValueError as e:
-        raise InteropError(f"{path}: not valid JSON ({e})") from None
+    hf, path = _config_json(folder, "expected a Hugging Face model folder")
     if not isinstance(hf, dict):
         raise InteropError(f"{path}: holds a {type(hf).__name__}, expected a JSON object")
     cls = for_hf_model_type(hf.get("model_type"), path)
