@@ -44,8 +44,8 @@ SEQ, PROMPT, NEW, CLIENTS = 256, 32, 128, 16
 PAUSE = 0.5  # seconds between timed calls
 
 
-def median_seconds(fns: list, reps: int) -> list[float]:
-    """Median seconds of each function, called in turn `reps` times after an untimed warm-up call each.
+def call_times(fns: list, reps: int) -> list[list[float]]:
+    """Seconds of each function's calls, called in turn `reps` times after an untimed warm-up call each.
     Each call starts after a pause, so that the other side's worker threads (OpenMP's and XLA's spin a while
     after their work) have gone idle and do not take a core from it."""
     for fn in fns:
@@ -57,7 +57,12 @@ def median_seconds(fns: list, reps: int) -> list[float]:
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+    return times
+
+
+def median_seconds(fns: list, reps: int) -> list[float]:
+    """Median seconds of each function, timed by `call_times`."""
+    return [float(np.median(t)) for t in call_times(fns, reps)]
 
 
 def prompts(batch: int, n_vocab: int) -> np.ndarray:
