@@ -31,8 +31,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--tune-model-path",
-        help="fine-tune from these params (our full or slim checkpoint, a Hugging Face GPT-J folder, or an "
-        "original Mesh-Transformer-JAX checkpoint): fresh optimizer, LR schedule from step 0 "
+        help="fine-tune from these params (our full or slim checkpoint, a Hugging Face folder of the family, "
+        "or an original Mesh-Transformer-JAX checkpoint): fresh optimizer, LR schedule from step 0 "
         "(a checkpoint already in the model dir is resumed instead)",
     )
     ray = p.add_argument_group("multi-host training with Ray (see README)")

@@ -1,4 +1,5 @@
-"""Export a checkpoint to a Hugging Face `GPTJForCausalLM` folder (config.json, safetensors, tokenizer).
+"""Export a checkpoint to a Hugging Face folder (config.json, safetensors, tokenizer): `GPTJForCausalLM`,
+`GPTNeoXForCausalLM` or `GPTNeoForCausalLM`, as the config's architecture says.
 
 python to_hf_weights.py --config CONFIG --ckpt PATH --output-path DIR [--dtype float32|bfloat16|float16]
 PATH is a full or slim checkpoint saved on any mesh, or a model_dir (its newest step); local or gs://.

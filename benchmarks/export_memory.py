@@ -71,6 +71,7 @@ def stage_naive(config_path: str, ckpt: str, output: str) -> None:
     from mesh_transformer.checkpoint import load_params
     from mesh_transformer.config import load_config
     from mesh_transformer.hf import expected_shapes, hf_tensors
+    from mesh_transformer.models import model_for
 
     config = load_config(config_path)
     target = jax.tree_util.tree_map(
@@ -82,7 +83,7 @@ def stage_naive(config_path: str, ckpt: str, output: str) -> None:
     # safetensors' numpy API knows no bfloat16: write the bits as uint16 (same bytes; only the label differs).
     tensors = {
         name: np.ascontiguousarray(value.astype(ml_dtypes.bfloat16)).view(np.uint16)
-        for name, value in hf_tensors(params, config.layers)
+        for name, value in hf_tensors(params, model_for(config))
     }
     os.makedirs(output)
     save_file(tensors, os.path.join(output, "model.safetensors"))

@@ -30,12 +30,13 @@ import torch  # noqa: E402
 
 from mesh_transformer.engine import Generator  # noqa: E402
 from mesh_transformer.hf import hf_tensors  # noqa: E402
-from mesh_transformer.model import ModelShape, build  # noqa: E402
+from mesh_transformer.models import Model, build  # noqa: E402
+from mesh_transformer.models.gptj import GPTJ  # noqa: E402
 from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 
 SHAPES = {
-    "demo": ModelShape(4, 256, 4, 4096, 32, "float32", "none"),
-    "wide": ModelShape(4, 512, 8, 8192, 32, "float32", "none"),
+    "demo": GPTJ(layers=4, d_model=256, n_heads=4, n_vocab=4096, d_ff=1024, rotary_dims=32),
+    "wide": GPTJ(layers=4, d_model=512, n_heads=8, n_vocab=8192, d_ff=2048, rotary_dims=32),
 }
 SHAPE = SHAPES["wide"]  # the server measurement's model
 LAYER_MATRICES = ("qkv_proj", "out_proj", "fc_in", "fc_out")  # as generation keeps them
@@ -43,8 +44,8 @@ SEQ, PROMPT, NEW, CLIENTS = 256, 32, 128, 16
 PAUSE = 0.5  # seconds between timed calls
 
 
-def median_seconds(fns: list, reps: int) -> list[float]:
-    """Median seconds of each function, called in turn `reps` times after an untimed warm-up call each.
+def call_times(fns: list, reps: int) -> list[list[float]]:
+    """Seconds of each function's calls, called in turn `reps` times after an untimed warm-up call each.
     Each call starts after a pause, so that the other side's worker threads (OpenMP's and XLA's spin a while
     after their work) have gone idle and do not take a core from it."""
     for fn in fns:
@@ -56,7 +57,12 @@ def median_seconds(fns: list, reps: int) -> list[float]:
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+    return times
+
+
+def median_seconds(fns: list, reps: int) -> list[float]:
+    """Median seconds of each function, timed by `call_times`."""
+    return [float(np.median(t)) for t in call_times(fns, reps)]
 
 
 def prompts(batch: int, n_vocab: int) -> np.ndarray:
@@ -95,7 +101,7 @@ def weights_only(generator: Generator, batch: int):
     return lambda: run(x_BD).block_until_ready()
 
 
-def hf_model(shape: ModelShape, params, positions: int = SEQ):
+def hf_model(shape: Model, params, positions: int = SEQ):
     from transformers import GPTJConfig, GPTJForCausalLM
 
     config = GPTJConfig(
@@ -110,7 +116,7 @@ def hf_model(shape: ModelShape, params, positions: int = SEQ):
         eos_token_id=0,  # never reached: every generation is forced to NEW tokens
     )
     model = GPTJForCausalLM(config).eval()
-    state = {name: torch.from_numpy(np.array(v)) for name, v in hf_tensors(params, shape.layers)}
+    state = {name: torch.from_numpy(np.array(v)) for name, v in hf_tensors(params, shape)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("attn.bias" in m or "masked_bias" in m for m in missing), (
         missing,

@@ -33,11 +33,12 @@ import torch  # noqa: E402
 from sample_throughput import hf_model, word_tokenizer  # noqa: E402
 
 from mesh_transformer.engine import PREFILL_TOKENS, Generator  # noqa: E402
-from mesh_transformer.model import ModelShape, build  # noqa: E402
+from mesh_transformer.models import build  # noqa: E402
+from mesh_transformer.models.gptj import GPTJ  # noqa: E402
 from mesh_transformer.sampling import Row, SamplingParams  # noqa: E402
 from mesh_transformer.serving.worker import Worker  # noqa: E402
 
-SHAPE = ModelShape(4, 512, 8, 8192, 32, "float32", "none")
+SHAPE = GPTJ(layers=4, d_model=512, n_heads=8, n_vocab=8192, d_ff=2048, rotary_dims=32)
 SEQ = 320
 SLOTS = 16
 PROMPT_LENGTHS = (8, 48)  # uniform

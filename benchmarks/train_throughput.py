@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 from mesh_transformer import sharding  # noqa: E402
 from mesh_transformer.config import from_dict  # noqa: E402
-from mesh_transformer.metrics import flops_per_token, matmul_params, measure_matmul_flops  # noqa: E402
-from mesh_transformer.model import param_count  # noqa: E402
+from mesh_transformer.metrics import flops_per_token, measure_matmul_flops  # noqa: E402
+from mesh_transformer.models import param_count  # noqa: E402
 from mesh_transformer.train import Trainer  # noqa: E402
 
 SHAPE = dict(layers=4, d_model=512, n_heads=8, pe_rotary_dims=32, n_vocab=8192, seq=256)
@@ -127,7 +127,7 @@ def main() -> None:
     results["transformers bf16 autocast"] = (torch_gptj(True, args.steps), "bfloat16")
 
     config = from_dict({**SHAPE, "per_replica_batch": BATCH})
-    fpt = flops_per_token(config, matmul_params(config, n_params))
+    fpt = flops_per_token(config)
     print(f"model: {n_params:,} params, {fpt / 1e6:.1f} MFLOP per token, batch {BATCH} x {SHAPE['seq']}")
     torch_best = min(results["transformers float32"][0], results["transformers bf16 autocast"][0])
     print(f"{'run':30s} {'tokens/s':>10s} {'vs best torch':>14s} {'MFU':>7s}")

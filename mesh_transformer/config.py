@@ -1,7 +1,9 @@
 """Training configuration: the JSON keys of the original Mesh-Transformer-JAX plus a few new ones.
 
 `load_config` reads a JSON file, rejects unknown keys and impossible values with one clear message, and
-returns a frozen `Config`. The original `configs/6B_roto_256.json` loads unchanged.
+returns a frozen `Config` in which every key the config's `architecture` reads has its value (the
+architecture's default where the file leaves it unset). The original `configs/6B_roto_256.json` loads
+unchanged.
 """
 
 from __future__ import annotations
@@ -26,9 +28,33 @@ class Config:
     n_heads: int
     n_vocab: int
     seq: int
-    norm: str = "layernorm"  # only "layernorm" exists in GPT-J
-    pe: str = "rotary"  # only "rotary" exists in GPT-J
-    pe_rotary_dims: int = 64  # rotary dims per head; the rest of the head gets no position signal
+    norm: str = "layernorm"  # the only normalisation of the family
+    pe: str | None = None  # positions: "rotary" (gptj, gpt_neox) or "fixed" (gpt_neo: learned, absolute)
+    pe_rotary_dims: int | None = None  # gptj: rotary dims per head (64); the rest gets no position signal
+
+    # --- the model family: which architecture, and the keys only some architectures read. Unset (null)
+    # means the architecture's default (`config_defaults` in mesh_transformer/models/<architecture>.py);
+    # a key the architecture does not read must stay unset. ---
+    architecture: str = "gptj"  # "gptj", "gpt_neox" (GPT-NeoX, Pythia) or "gpt_neo"
+    d_ff: int | None = None  # MLP width (HF n_inner, intermediate_size); default 4 * d_model
+    # MLP activation, by Hugging Face's name: "gelu_new" (tanh approximation; gptj and gpt_neo default),
+    # "gelu" (exact erf; gpt_neox default), "gelu_fast", "gelu_pytorch_tanh", "relu", "silu"
+    activation: str | None = None
+    layer_norm_eps: float | None = None  # epsilon of every LayerNorm (1e-5)
+    tie_word_embeddings: bool | None = None  # gpt_neox (false), gpt_neo (true): LM head = the input embedding
+    # gpt_neox: the fraction of each head that is rotated, int(head_dim * rotary_pct) dims in the rotate-half
+    # layout (Pythia and 20B: 0.25), and the rotary base (10000)
+    rotary_pct: float | None = None
+    rotary_emb_base: float | None = None
+    # gpt_neox: x + attn(ln1(x)) + mlp(ln2(x)) if true (Pythia, 20B), else the MLP after the attention
+    use_parallel_residual: bool | None = None
+    attention_bias: bool | None = None  # gpt_neox: biases on query_key_value and dense (true)
+    # gpt_neo: "global" or "local" for each layer (default: global, local, global, ...); a local layer's
+    # token sees the `window_size` newest tokens, itself included (256); `n_positions` rows of the learned
+    # position table, at least seq (default: seq; the released models have 2048)
+    attention_layers: list[str] | None = None
+    window_size: int | None = None
+    n_positions: int | None = None
 
     # --- parallelism and batch (original keys) ---
     cores_per_replica: int = 1  # model-parallel degree (the mesh's `mp` axis)
@@ -89,10 +115,6 @@ class Config:
         return self.d_model // self.n_heads
 
     @property
-    def d_ff(self) -> int:
-        return 4 * self.d_model
-
-    @property
     def global_batch(self) -> int:
         """Sequences in one micro-batch over all replicas."""
         return self.per_replica_batch * self.dp
@@ -109,6 +131,22 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# The keys whose meaning (and default) depends on the architecture.
+FAMILY_KEYS = (
+    "pe",
+    "pe_rotary_dims",
+    "d_ff",
+    "activation",
+    "layer_norm_eps",
+    "tie_word_embeddings",
+    "rotary_pct",
+    "rotary_emb_base",
+    "use_parallel_residual",
+    "attention_bias",
+    "attention_layers",
+    "window_size",
+    "n_positions",
+)
 _REQUIRED = [
     name
     for name, f in _FIELDS.items()
@@ -121,6 +159,10 @@ _REMAT = ("none", "layer")
 def _check_type(key: str, value: Any) -> Any:
     """Values as JSON gives them, checked against the field's declared type (ints accepted as floats)."""
     expected = _FIELDS[key].type
+    if expected.endswith(" | None"):
+        if value is None:
+            return None
+        expected = expected.removesuffix(" | None")
     if expected == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
@@ -169,6 +211,51 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return validate(Config(**values))
 
 
+def _resolve_family_keys(c: Config) -> Config:
+    """The architecture's defaults filled in for the keys it reads; a key it does not read must be unset."""
+    from mesh_transformer import models
+
+    if c.architecture not in models.ARCHITECTURES:
+        raise ConfigError(
+            f"config key 'architecture' must be one of {', '.join(models.ARCHITECTURES)}, "
+            f"got {c.architecture!r}"
+        )
+    defaults = models.ARCHITECTURES[c.architecture].config_defaults
+    resolved = {}
+    for key in FAMILY_KEYS:
+        value = getattr(c, key)
+        if key not in defaults:
+            if value is not None:
+                readers = [name for name, cls in models.ARCHITECTURES.items() if key in cls.config_defaults]
+                raise ConfigError(
+                    f"config key '{key}' does not apply to architecture '{c.architecture}' "
+                    f"(only to {', '.join(readers)}); remove it"
+                )
+        elif value is None:
+            default = defaults[key]
+            resolved[key] = default(c) if callable(default) else default
+    return dataclasses.replace(c, **resolved) if resolved else c
+
+
+def _check_family_keys(c: Config) -> None:
+    """The keys several architectures read; then the architecture's own checks."""
+    from mesh_transformer import models
+    from mesh_transformer.models.layers import ACTIVATIONS
+
+    if c.d_ff is not None and (c.d_ff <= 0 or c.d_ff % c.cores_per_replica):
+        raise ConfigError(
+            f"config key 'd_ff' ({c.d_ff}) must be a positive multiple of cores_per_replica "
+            f"({c.cores_per_replica})"
+        )
+    if c.activation is not None and c.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"config key 'activation' must be one of {', '.join(ACTIVATIONS)}, got {c.activation!r}"
+        )
+    if c.layer_norm_eps is not None and not c.layer_norm_eps > 0:
+        raise ConfigError(f"config key 'layer_norm_eps' must be positive, got {c.layer_norm_eps}")
+    models.ARCHITECTURES[c.architecture].check_config(c)
+
+
 def validate(c: Config) -> Config:
     positive = [
         "layers",
@@ -197,9 +284,7 @@ def validate(c: Config) -> Config:
         if getattr(c, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(c, key)}")
     if c.norm != "layernorm":
-        raise ConfigError(f"config key 'norm' must be \"layernorm\" (GPT-J), got {c.norm!r}")
-    if c.pe != "rotary":
-        raise ConfigError(f"config key 'pe' must be \"rotary\" (GPT-J), got {c.pe!r}")
+        raise ConfigError(f"config key 'norm' must be \"layernorm\", got {c.norm!r}")
     if c.d_model % c.n_heads:
         raise ConfigError(f"d_model ({c.d_model}) must be divisible by n_heads ({c.n_heads})")
     if c.n_heads % c.cores_per_replica:
@@ -209,13 +294,6 @@ def validate(c: Config) -> Config:
     if c.n_vocab % c.cores_per_replica:
         raise ConfigError(
             f"n_vocab ({c.n_vocab}) must be divisible by cores_per_replica ({c.cores_per_replica})"
-        )
-    if c.pe_rotary_dims <= 0 or c.pe_rotary_dims % 2:
-        raise ConfigError(f"pe_rotary_dims must be a positive even number, got {c.pe_rotary_dims}")
-    if c.pe_rotary_dims > c.head_dim:
-        raise ConfigError(
-            f"pe_rotary_dims ({c.pe_rotary_dims}) must not exceed the head dimension "
-            f"d_model / n_heads = {c.head_dim}"
         )
     if c.tpu_size % c.cores_per_replica:
         raise ConfigError(
@@ -232,6 +310,8 @@ def validate(c: Config) -> Config:
             f"shard_optimizer_over_dp / shard_params_over_dp split d_model over dp = tpu_size / "
             f"cores_per_replica, so d_model ({c.d_model}) must be divisible by dp ({c.dp})"
         )
+    c = _resolve_family_keys(c)
+    _check_family_keys(c)
     return c
 
 

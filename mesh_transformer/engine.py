@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 
 from mesh_transformer import sharding
 from mesh_transformer.config import Config
-from mesh_transformer.model import KVCache, ModelShape, build, unstack_layers
+from mesh_transformer.models import KVCache, Model, build, model_for
 from mesh_transformer.prepare import EOS_CANDIDATES
 from mesh_transformer.sampling import (
     MAX_LOGPROBS,
@@ -97,7 +97,7 @@ def _pin(state: SlotState, mesh: Mesh) -> SlotState:
 
 
 @functools.partial(jax.jit, static_argnames=("shape", "mesh", "batch", "slots"))
-def _empty_state(*, shape: ModelShape, mesh: Mesh, batch: int, slots: int) -> SlotState:
+def _empty_state(*, shape: Model, mesh: Mesh, batch: int, slots: int) -> SlotState:
     zeros = lambda dtype: jnp.zeros((batch,), dtype)  # noqa: E731
     state = SlotState(
         KVCache.empty(shape, batch, slots),
@@ -128,7 +128,7 @@ def _insert(
     choice_A,
     settings,
     *,
-    shape: ModelShape,
+    shape: Model,
     mesh: Mesh,
     vocab_size: int,
 ) -> tuple[SlotState, Logprobs]:
@@ -227,7 +227,7 @@ def _decode(
     limit,
     stop_early,
     *,
-    shape: ModelShape,
+    shape: Model,
     mesh: Mesh,
     vocab_size: int,
     eos_id: int,
@@ -654,7 +654,7 @@ class Generator:
 
     def __init__(
         self,
-        shape: ModelShape,
+        shape: Model,
         params: Any,
         *,
         seq: int,
@@ -788,7 +788,7 @@ class _Collect:
 # ----- params as generation reads them -----
 
 
-def inference_params_target(shape: ModelShape, abstract_params: Any, mesh: Mesh) -> Any:
+def inference_params_target(shape: Model, abstract_params: Any, mesh: Mesh) -> Any:
     """ShapeDtypeStructs (with shardings) of the params as generation keeps them: matmul kernels in the
     compute dtype (halving decode's memory traffic in bfloat16), embeddings, biases and norms in float32."""
     specs = sharding.param_specs(abstract_params, sharding.logical_rules())
@@ -806,15 +806,16 @@ def _inference_dtypes(params: Any, compute_dtype: str) -> Any:
     }
 
 
-def place_params(params: Any, shape: ModelShape, mesh: Mesh) -> Any:
+def place_params(params: Any, shape: Model, mesh: Mesh) -> Any:
     """`params` (host or device arrays, layers stacked as trained) split over `mesh`, cast as
-    `inference_params_target` says, and one array per layer (`model.unstack_layers`): what decoding reads."""
+    `inference_params_target` says, and in the model's decoding layout (`Model.decode_layout`): what decoding
+    reads."""
     target = inference_params_target(shape, params, mesh)
     placed = jax.device_put(params, jax.tree_util.tree_map(lambda t: t.sharding, target))
-    unstacked = jax.eval_shape(lambda p: unstack_layers(p, shape.layers), target)
+    unstacked = jax.eval_shape(shape.decode_layout, target)
     shardings = sharding.tree_shardings(mesh, sharding.param_specs(unstacked, sharding.logical_rules()))
     cast = lambda p: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), p, target)  # noqa: E731
-    return jax.jit(lambda p: unstack_layers(cast(p), shape.layers), out_shardings=shardings)(placed)
+    return jax.jit(lambda p: shape.decode_layout(cast(p)), out_shardings=shardings)(placed)
 
 
 def load_generator(
@@ -835,7 +836,7 @@ def load_generator(
         )
     tokenizer = read_tokenizer_file(path)[0]
     mesh = mesh if mesh is not None else sampling_mesh(config.mp)
-    shape = ModelShape.from_config(config)
+    shape = model_for(config)
     params = load_params(ckpt, inference_params_target(shape, abstract_params(config), mesh))
     return Generator(
         shape, params, seq=config.seq, tokenizer=tokenizer, mesh=mesh, tokenizer_path=path, **options
@@ -843,7 +844,7 @@ def load_generator(
 
 
 def generate(
-    shape: ModelShape,
+    shape: Model,
     params,
     prompt_ids: list[int],
     max_new_tokens: int,

@@ -19,6 +19,10 @@ class UserError(ValueError):
     """A problem with the user's input; the message names the value and what was expected."""
 
 
+class InteropError(UserError):
+    """A folder or checkpoint cannot be converted; the message names the file or field and the expectation."""
+
+
 class InfrastructureError(RuntimeError):
     """Storage or a host failed, not the user's input; the message names what failed and where."""
 

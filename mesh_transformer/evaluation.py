@@ -2,7 +2,7 @@
 harness adapter (`HarnessModel`) that scores and generates on the mesh in a few bucketed shapes.
 
 `Evaluator` runs both every `val_every` steps of a training run; `scripts/eval_harness.py` runs the harness
-on a checkpoint or a Hugging Face GPT-J folder.
+on a checkpoint or a Hugging Face folder of the family.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mesh_transformer import data, sharding, storage
 from mesh_transformer.config import Config
 from mesh_transformer.engine import Generator, place_params
 from mesh_transformer.errors import UserError
-from mesh_transformer.model import ModelShape
+from mesh_transformer.models import model_for
 from mesh_transformer.prepare import TOKENIZER_NAME, eos_id_of, read_tokenizer_file
 from mesh_transformer.sampling import Row, SamplingParams, bucket
 from mesh_transformer.train import Trainer
@@ -160,7 +160,7 @@ class HarnessModel(_HarnessLM):
         """Evaluate other params of the same model (a later training step) without recompiling."""
         self.params = params
         if self._generator_instance is not None:
-            shape = ModelShape.from_config(self.trainer.config)
+            shape = model_for(self.trainer.config)
             self._generator_instance.params = place_params(params, shape, self.trainer.mesh)
 
     def _score_fn(self, params, tokens_BT: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -285,7 +285,7 @@ class HarnessModel(_HarnessLM):
     def _generator(self) -> Generator:
         if self._generator_instance is None:
             self._generator_instance = Generator(
-                ModelShape.from_config(self.trainer.config),
+                model_for(self.trainer.config),
                 self.params,
                 seq=self.seq,
                 tokenizer=self.tokenizer,
@@ -405,13 +405,13 @@ def check_model_path(path: str) -> None:
     if not (storage.path_exists(path) or storage.is_dir(path)):
         raise UserError(
             f"checkpoint not found: {path} (expected a checkpoint directory, a model_dir "
-            "or a Hugging Face GPT-J folder)"
+            "or a Hugging Face folder of the family)"
         )
 
 
 def load_params(trainer: Trainer, path: str) -> Any:
-    """Params from a full or slim checkpoint (or a model_dir's newest), a Hugging Face GPT-J folder or an
-    original Mesh-Transformer-JAX checkpoint, placed with the Trainer's param shardings."""
+    """Params from a full or slim checkpoint (or a model_dir's newest), a Hugging Face folder of the config's
+    architecture or an original Mesh-Transformer-JAX checkpoint, placed with the Trainer's param shardings."""
     from mesh_transformer.hf import load_pretrained_params
 
     check_model_path(path)

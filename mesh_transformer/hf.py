@@ -1,9 +1,10 @@
-"""Hugging Face GPT-J interop: the one name and layout mapping between our Haiku params and
-`GPTJForCausalLM`, a streaming export of our checkpoints to a `from_pretrained` folder, and imports of
-Hugging Face folders (and, through `original`, Mesh-Transformer-JAX checkpoints) as our params.
+"""Hugging Face interop for every architecture of the family: a streaming export of our checkpoints to a
+`from_pretrained` folder (GPTJ-, GPTNeoX- or GPTNeoForCausalLM), and imports of Hugging Face folders (and,
+through `original`, Mesh-Transformer-JAX checkpoints) as our params. The name maps and config mappings
+themselves are the architectures' (`Model.hf_names`, `Model.hf_config`, `Model.config_from_hf`).
 
-Torch linears are [out, in]; our `w` are [in, out], so every kernel is transposed. The embedding is
-[vocab, d] in both. Our per-layer params are stacked on a leading layers axis; HF names each layer `h.{i}`.
+Torch linears are [out, in]; our `w` are [in, out], so every kernel is transposed. Embeddings are [rows, d]
+in both. Our per-layer params are stacked on a leading layers axis; HF names each layer by its index.
 """
 
 from __future__ import annotations
@@ -25,36 +26,15 @@ import numpy as np
 from mesh_transformer import storage
 from mesh_transformer.config import Config
 from mesh_transformer.data import find_tokenizer
-from mesh_transformer.errors import UserError
-
-LAYERS = "gptj/layers/block/"
-
-# (our module, our param) -> (HF name with {i} for the layer, transpose?)
-LAYER_MAP: dict[tuple[str, str], tuple[str, bool]] = {
-    ("ln_1", "scale"): ("transformer.h.{i}.ln_1.weight", False),
-    ("ln_1", "offset"): ("transformer.h.{i}.ln_1.bias", False),
-    ("q_proj", "w"): ("transformer.h.{i}.attn.q_proj.weight", True),
-    ("k_proj", "w"): ("transformer.h.{i}.attn.k_proj.weight", True),
-    ("v_proj", "w"): ("transformer.h.{i}.attn.v_proj.weight", True),
-    ("out_proj", "w"): ("transformer.h.{i}.attn.out_proj.weight", True),
-    ("fc_in", "w"): ("transformer.h.{i}.mlp.fc_in.weight", True),
-    ("fc_in", "b"): ("transformer.h.{i}.mlp.fc_in.bias", False),
-    ("fc_out", "w"): ("transformer.h.{i}.mlp.fc_out.weight", True),
-    ("fc_out", "b"): ("transformer.h.{i}.mlp.fc_out.bias", False),
-}
-GLOBAL_MAP: dict[tuple[str, str], tuple[str, bool]] = {
-    ("gptj", "embeddings"): ("transformer.wte.weight", False),
-    ("gptj/ln_f", "scale"): ("transformer.ln_f.weight", False),
-    ("gptj/ln_f", "offset"): ("transformer.ln_f.bias", False),
-    ("gptj/lm_head", "w"): ("lm_head.weight", True),
-    ("gptj/lm_head", "b"): ("lm_head.bias", False),
-}
+from mesh_transformer.errors import InteropError
+from mesh_transformer.models import Model, model_for
+from mesh_transformer.models.layers import STACK
 
 # lm_head bias of vocabulary rows added by padding: never sampled, yet finite even in float16.
 PADDED_VOCAB_BIAS = -1e4
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # what `save_pretrained` uses: "5GB"
-GPT2_EOS_ID = 50256  # GPT-J's bos/eos when the run has no tokenizer of its own (GPT-2 BPE)
+GPT2_EOS_ID = 50256  # bos/eos of a run without a tokenizer of its own (the family's GPT-2 BPE)
 EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 _ST_CODES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -63,70 +43,45 @@ _ST_DTYPES = {
 }
 
 
-class InteropError(UserError):
-    """A folder or checkpoint cannot be converted; the message names the file or field and the expectation."""
+def stacked(model: Model, module: str) -> str:
+    """Our stacked module of a layer's module name: "ln_1" -> "gptj/layers/block/ln_1"."""
+    return f"{model.root}/{STACK}{module}"
 
 
-def hf_config_dict(
-    config: Config, bos_token_id: int | None = 50256, eos_token_id: int | None = 50256
-) -> dict:
-    """`config.json` of the equivalent `GPTJForCausalLM`."""
-    return {
-        "architectures": ["GPTJForCausalLM"],
-        "model_type": "gptj",
-        "n_embd": config.d_model,
-        "n_head": config.n_heads,
-        "n_layer": config.layers,
-        "n_positions": config.seq,
-        "n_inner": None,
-        "rotary_dim": config.pe_rotary_dims,
-        "vocab_size": config.n_vocab,
-        "layer_norm_epsilon": 1e-5,
-        "activation_function": "gelu_new",
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "torch_dtype": "float32",
-    }
-
-
-def hf_tensors(params, layers: int) -> Iterator[tuple[str, np.ndarray]]:
+def hf_tensors(params, model: Model) -> Iterator[tuple[str, np.ndarray]]:
     """(HF name, array in torch layout) for every tensor, one at a time (host arrays; no copies kept)."""
-    for (module, name), (hf_name, transpose) in GLOBAL_MAP.items():
+    global_names, layer_names = model.hf_names()
+    for (module, name), (hf_name, transpose) in global_names.items():
         value = np.asarray(params[module][name])
         yield hf_name, value.T if transpose else value
-    for (module, name), (hf_name, transpose) in LAYER_MAP.items():
-        stacked = params[LAYERS + module][name]
-        for i in range(layers):
-            value = np.asarray(stacked[i])
+    for (module, name), (hf_name, transpose) in layer_names.items():
+        layers = params[stacked(model, module)][name]
+        for i in range(model.layers):
+            value = np.asarray(layers[i])
             yield hf_name.format(i=i), value.T if transpose else value
 
 
-def _leaves_from_hf(get: Callable[[str], np.ndarray], layers: int) -> Iterator[tuple[str, str, np.ndarray]]:
+def _leaves_from_hf(get: Callable[[str], np.ndarray], model: Model) -> Iterator[tuple[str, str, np.ndarray]]:
     """(our module, param, float32 array) one leaf at a time from `get(HF name)` in torch layout."""
-    for (module, name), (hf_name, transpose) in GLOBAL_MAP.items():
+    global_names, layer_names = model.hf_names()
+    for (module, name), (hf_name, transpose) in global_names.items():
         value = np.asarray(get(hf_name), np.float32)
         yield module, name, np.ascontiguousarray(value.T) if transpose else value
-    for (module, name), (hf_name, transpose) in LAYER_MAP.items():
-        stacked = None
-        for i in range(layers):
+    for (module, name), (hf_name, transpose) in layer_names.items():
+        layers = None
+        for i in range(model.layers):
             value = np.asarray(get(hf_name.format(i=i)), np.float32)
             value = value.T if transpose else value
-            if stacked is None:
-                stacked = np.empty((layers, *value.shape), np.float32)
-            stacked[i] = value
-        yield LAYERS + module, name, stacked
+            if layers is None:
+                layers = np.empty((model.layers, *value.shape), np.float32)
+            layers[i] = value
+        yield stacked(model, module), name, layers
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], layers: int) -> dict[str, dict[str, np.ndarray]]:
+def params_from_hf(tensors: Mapping[str, np.ndarray], model: Model) -> dict[str, dict[str, np.ndarray]]:
     """Our params (float32 numpy) from HF tensors in torch layout; a missing tensor raises KeyError."""
     params: dict[str, dict[str, np.ndarray]] = {}
-    for module, name, value in _leaves_from_hf(tensors.__getitem__, layers):
+    for module, name, value in _leaves_from_hf(tensors.__getitem__, model):
         params.setdefault(module, {})[name] = value
     return params
 
@@ -148,14 +103,15 @@ def expected_shapes(config: Config) -> dict[str, dict[str, tuple[int, ...]]]:
 
 def hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     """Shape in torch layout of every HF tensor of `config`'s model, in the order HF lists them."""
-    ours = expected_shapes(config)
+    model, ours = model_for(config), expected_shapes(config)
+    global_names, layer_names = model.hf_names()
     shapes = {}
-    for (module, name), (hf_name, transpose) in GLOBAL_MAP.items():
+    for (module, name), (hf_name, transpose) in global_names.items():
         shape = ours[module][name]
         shapes[hf_name] = shape[::-1] if transpose else shape
     for i in range(config.layers):
-        for (module, name), (hf_name, transpose) in LAYER_MAP.items():
-            shape = ours[LAYERS + module][name][1:]
+        for (module, name), (hf_name, transpose) in layer_names.items():
+            shape = ours[stacked(model, module)][name][1:]
             shapes[hf_name.format(i=i)] = shape[::-1] if transpose else shape
     return shapes
 
@@ -163,27 +119,39 @@ def hf_shapes(config: Config) -> dict[str, tuple[int, ...]]:
 # ----- vocabulary padding (shared by every import) -----
 
 
-def fit_vocab(module: str, name: str, value: np.ndarray, n_vocab: int, source: str) -> np.ndarray:
-    """Pad a vocab-sized leaf up to `n_vocab` rows (zero weights, `PADDED_VOCAB_BIAS` for the LM head bias);
-    a source with more rows than `n_vocab` is an error, never silently cut."""
-    axis = {("gptj", "embeddings"): 0, ("gptj/lm_head", "w"): 1, ("gptj/lm_head", "b"): 0}.get((module, name))
-    if axis is None or value.shape[axis] == n_vocab:
-        return value
-    have = value.shape[axis]
-    if have > n_vocab:
-        raise InteropError(
-            f"{source} has a vocabulary of {have} rows but the config's n_vocab is {n_vocab}; "
-            f"set n_vocab to at least {have} (rounded up to a multiple of cores_per_replica)"
-        )
-    if (module, name) == ("gptj", "embeddings"):  # said once per import: the embedding comes first
-        print(
-            f"{source}: padding the vocabulary from {have} to the config's n_vocab {n_vocab} rows "
-            f"(zero weights, lm_head bias {PADDED_VOCAB_BIAS:g}: never sampled)"
-        )
-    widths = [(0, 0)] * value.ndim
-    widths[axis] = (0, n_vocab - have)
-    fill = PADDED_VOCAB_BIAS if (module, name) == ("gptj/lm_head", "b") else 0.0
-    return np.pad(value, widths, constant_values=fill)
+def vocab_fitter(n_vocab: int, source: str) -> Callable[[str, str, np.ndarray], np.ndarray]:
+    """`fit(module, name, value)`: a leaf with a vocab axis (by its partition rule) padded up to `n_vocab`
+    rows (zero weights, `PADDED_VOCAB_BIAS` for an LM head bias), said once per import; a source with more
+    rows than `n_vocab` is an error, never silently cut."""
+    from mesh_transformer.sharding import param_logical_axes
+
+    said = False
+
+    def fit(module: str, name: str, value: np.ndarray) -> np.ndarray:
+        nonlocal said
+        axes = param_logical_axes(f"{module}/{name}", value.ndim)
+        if "vocab" not in axes or value.shape[axes.index("vocab")] == n_vocab:
+            return value
+        axis = axes.index("vocab")
+        have = value.shape[axis]
+        if have > n_vocab:
+            raise InteropError(
+                f"{source} has a vocabulary of {have} rows but the config's n_vocab is {n_vocab}; "
+                f"set n_vocab to at least {have} (rounded up to a multiple of cores_per_replica)"
+            )
+        bias = name == "b"
+        if not said:
+            print(
+                f"{source}: padding the vocabulary from {have} to the config's n_vocab {n_vocab} rows "
+                f"(zero weights, an LM head bias of {PADDED_VOCAB_BIAS:g} where the model has one: "
+                "never sampled)"
+            )
+            said = True
+        widths = [(0, 0)] * value.ndim
+        widths[axis] = (0, n_vocab - have)
+        return np.pad(value, widths, constant_values=PADDED_VOCAB_BIAS if bias else 0.0)
+
+    return fit
 
 
 def _place(value: np.ndarray, target: Any) -> Any:
@@ -333,7 +301,8 @@ def export_checkpoint(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     tokenizer: str | None = None,
 ) -> ExportResult:
-    """Write checkpoint `ckpt` (full or slim, any mesh, local or gs://) as a `GPTJForCausalLM` folder.
+    """Write checkpoint `ckpt` (full or slim, any mesh, local or gs://) as a Hugging Face folder of the
+    config's architecture (`GPTJForCausalLM`, `GPTNeoXForCausalLM` or `GPTNeoForCausalLM`).
 
     Streams on the host one saved piece at a time, writing each into its place in preallocated safetensors
     files, so memory stays near one checkpoint piece whatever the model size. The folder is built under a
@@ -383,7 +352,7 @@ def export_checkpoint(
                 offset += nbytes
             os.ftruncate(fd, offset)
         try:
-            _stream_pieces(pieces, slots, out_dtype)
+            _stream_pieces(pieces, model_for(config), slots, out_dtype)
         except CheckpointError as e:
             raise InteropError(str(e)) from None
         for fd in fds:
@@ -398,7 +367,7 @@ def export_checkpoint(
                 "weight_map": {n: f for f, names in files.items() for n in names},
             }
             _write_text(tmp, "model.safetensors.index.json", json.dumps(index, indent=2))
-        hf_config = hf_config_dict(config, bos_token_id=eos_id, eos_token_id=eos_id)
+        hf_config = model_for(config).hf_config(config.seq, bos_token_id=eos_id, eos_token_id=eos_id)
         hf_config["torch_dtype"] = dtype
         _write_text(tmp, "config.json", json.dumps(hf_config, indent=2))
         generation = {"bos_token_id": eos_id, "eos_token_id": eos_id, "max_length": config.seq}
@@ -458,7 +427,8 @@ def _check_checkpoint_shapes(
     missing = sorted(set(wanted) - set(saved))
     if missing:
         raise InteropError(
-            f"{ckpt}: has no param {missing[0]} ({len(missing)} missing); not a GPT-J checkpoint?"
+            f"{ckpt}: has no param {missing[0]} ({len(missing)} missing); not a checkpoint of the config's "
+            f"architecture ({config.architecture})?"
         )
     for key, shape in wanted.items():
         if saved[key][0] != shape:
@@ -469,17 +439,18 @@ def _check_checkpoint_shapes(
             )
 
 
-def _stream_pieces(pieces: Any, slots: dict[str, _Slot], out_dtype: np.dtype) -> None:
+def _stream_pieces(pieces: Any, model: Model, slots: dict[str, _Slot], out_dtype: np.dtype) -> None:
     def write(hf_name: str, box, values: np.ndarray, transpose: bool) -> None:
         if transpose:
             values, box = values.T, box[::-1]
         _write_region(slots[hf_name], tuple(tuple(b) for b in box), values.astype(out_dtype))
 
-    for (module, name), (hf_name, transpose) in GLOBAL_MAP.items():
+    global_names, layer_names = model.hf_names()
+    for (module, name), (hf_name, transpose) in global_names.items():
         for box, values in pieces.pieces(param_key(module, name)):
             write(hf_name, box, values, transpose)
-    for (module, name), (hf_name, transpose) in LAYER_MAP.items():
-        for box, values in pieces.pieces(param_key(LAYERS + module, name)):
+    for (module, name), (hf_name, transpose) in layer_names.items():
+        for box, values in pieces.pieces(param_key(stacked(model, module), name)):
             (lo, hi), rest = box[0], box[1:]
             for i in range(lo, hi):
                 write(hf_name.format(i=i), rest, values[i - lo], transpose)
@@ -501,49 +472,90 @@ _WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 
-# HF config.json field -> (our config field, how to read the HF value)
-_SHAPE_FIELDS = {
-    "n_embd": "d_model",
-    "n_layer": "layers",
-    "n_head": "n_heads",
-    "rotary_dim": "pe_rotary_dims",
-}
+
+def _config_json(folder: str, expected: str) -> tuple[Any, str]:
+    """(the parsed config.json of a Hugging Face folder, its path); a missing folder or file or bad JSON is
+    one error ending in `expected`."""
+    path = storage.join(folder, "config.json")
+    if not storage.is_dir(folder):
+        raise InteropError(f"{folder}: not found; {expected}")
+    try:
+        return json.loads(storage.read_text(path)), path
+    except FileNotFoundError:
+        raise InteropError(f"{folder}: no config.json; {expected}") from None
+    except ValueError as e:
+        raise InteropError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_hf_config(folder: str, config: Config) -> dict:
-    """config.json of a GPT-J folder, checked against our config: any disagreeing field is one error."""
-    path = storage.join(folder, "config.json")
-    if not storage.is_dir(folder):
-        raise InteropError(f"{folder}: not found; expected a Hugging Face GPT-J folder")
-    try:
-        hf = json.loads(storage.read_text(path))
-    except FileNotFoundError:
-        raise InteropError(f"{folder}: no config.json; expected a Hugging Face GPT-J folder") from None
-    except ValueError as e:
-        raise InteropError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict) or hf.get("model_type") != "gptj":
+    """config.json of a Hugging Face folder of the config's architecture, checked against our config: a
+    disagreeing field is one error naming both."""
+    model = model_for(config)
+    hf, path = _config_json(folder, f"expected a Hugging Face {model.hf_class} folder")
+    if not isinstance(hf, dict) or hf.get("model_type") != model.hf_model_type:
         got = hf.get("model_type") if isinstance(hf, dict) else None
-        raise InteropError(f"{path}: model_type is {got!r}, expected 'gptj'")
-    for hf_key, ours in _SHAPE_FIELDS.items():
-        value = hf.get(hf_key)
-        if hf_key == "rotary_dim" and value is None:  # HF: rotary over the whole head
-            value = hf.get("n_embd", 0) // max(hf.get("n_head", 1), 1)
+        raise InteropError(
+            f"{path}: model_type is {got!r}, expected {model.hf_model_type!r} "
+            f"(the config's architecture is {config.architecture})"
+        )
+    for ours, (value, hf_key) in type(model).config_from_hf(hf, path).items():
         if value != getattr(config, ours):
             raise InteropError(
-                f"{path}: {hf_key} is {value} but the config's {ours} is {getattr(config, ours)}"
+                f"{path}: {hf_key} is {value!r} but the config's {ours} is {getattr(config, ours)!r}"
             )
-    checks = {
-        "n_inner": (None, 4 * config.d_model),
-        "activation_function": ("gelu_new",),
-        "layer_norm_epsilon": (1e-5,),
-        "tie_word_embeddings": (False, None),
-    }
-    for key, allowed in checks.items():
-        if hf.get(key, allowed[0]) not in allowed:
-            raise InteropError(f"{path}: {key} is {hf.get(key)!r}; this GPT-J supports only {allowed[0]!r}")
     if not isinstance(hf.get("vocab_size"), int) or hf["vocab_size"] <= 0:
         raise InteropError(f"{path}: vocab_size is {hf.get('vocab_size')!r}, expected a positive integer")
     return hf
+
+
+# Optimizer settings of a config written for fine-tuning (the model's own keys come from its config.json).
+FINE_TUNE_DEFAULTS: dict[str, Any] = {
+    "per_replica_batch": 1,
+    "warmup_steps": 100,
+    "anneal_steps": 900,
+    "total_steps": 1000,
+    "lr": 1e-5,
+    "end_lr": 1e-6,
+    "weight_decay": 0.0,
+    "ckpt_every": 500,
+    "val_every": 500,
+    "keep_every": 10000,
+}
+FINE_TUNE_SEQUENCES_PER_STEP = 32  # gradient accumulation fills a step with about this many sequences
+
+
+def training_config_from_hf(
+    folder: str, *, tpu_size: int = 8, cores_per_replica: int = 8, seq: int | None = None
+) -> dict[str, Any]:
+    """A training config (as JSON values) for fine-tuning the family checkpoint in `folder`: the
+    architecture and every model key from its config.json, the vocabulary padded to a multiple of
+    `cores_per_replica`, `seq` (default: the model's context) and the fine-tuning optimizer defaults above.
+    Another model type, or shapes the mesh cannot split, is one error naming the value."""
+    from mesh_transformer.config import from_dict
+    from mesh_transformer.models import for_hf_model_type
+
+    hf, path = _config_json(folder, "expected a Hugging Face model folder")
+    if not isinstance(hf, dict):
+        raise InteropError(f"{path}: holds a {type(hf).__name__}, expected a JSON object")
+    cls = for_hf_model_type(hf.get("model_type"), path)
+    vocab = hf.get("vocab_size")
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise InteropError(f"{path}: vocab_size is {vocab!r}, expected a positive integer")
+    dp = max(tpu_size // cores_per_replica, 1)
+    raw = {
+        "architecture": cls.architecture,
+        **{key: value for key, (value, _) in cls.config_from_hf(hf, path).items()},
+        "n_vocab": -(-vocab // cores_per_replica) * cores_per_replica,
+        "seq": seq if seq is not None else cls.hf_context(hf),
+        "tpu_size": tpu_size,
+        "cores_per_replica": cores_per_replica,
+        **FINE_TUNE_DEFAULTS,
+        "gradient_accumulation_steps": max(1, FINE_TUNE_SEQUENCES_PER_STEP // dp),
+        "name": os.path.basename(os.path.normpath(folder)) or cls.architecture,
+        "comment": f"fine-tune {folder} (written by scripts/hf_config.py)",
+    }
+    from_dict(raw)  # every key valid for this mesh, or one line naming it
+    return raw
 
 
 def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
@@ -577,7 +589,9 @@ def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
         def get(name: str) -> np.ndarray:
             file = file_for(name)
             if name not in file.tensors:
-                raise InteropError(f"{file.path}: has no tensor {name}; not a GPTJForCausalLM checkpoint?")
+                raise InteropError(
+                    f"{file.path}: has no tensor {name}; not a checkpoint of this architecture?"
+                )
             return file.get(name)
 
         return get
@@ -592,7 +606,7 @@ def _hf_weight_getter(folder: str) -> Callable[[str], np.ndarray]:
         if path not in loaded:
             loaded[path] = _torch_load(path)
         if name not in loaded[path]:
-            raise InteropError(f"{path}: has no tensor {name}; not a GPTJForCausalLM checkpoint?")
+            raise InteropError(f"{path}: has no tensor {name}; not a checkpoint of this architecture?")
         return loaded[path][name].float().numpy()
 
     return get_torch
@@ -623,7 +637,9 @@ def _torch_load(path: str) -> dict:
 
 
 def load_hf_params(folder: str, config: Config, target: Any = None) -> dict:
-    """Our params from a local Hugging Face GPT-J folder (safetensors, sharded or not, or pytorch_model.bin).
+    """Our params from a Hugging Face folder of the config's architecture (safetensors, sharded or not, or
+    pytorch_model.bin; tensors the model does not use, such as old checkpoints' attention.bias and
+    attention.masked_bias buffers or a tied LM head's copy, are never read).
 
     Leaves are built one at a time: as float32 numpy, or, with `target` (a params tree of ShapeDtypeStructs
     with shardings, e.g. `Trainer.abstract_state.params`), cast and placed on the mesh at once. A vocabulary
@@ -643,14 +659,15 @@ def load_hf_params(folder: str, config: Config, target: Any = None) -> dict:
         return value
 
     params: dict[str, dict[str, Any]] = {}
-    for module, name, value in _leaves_from_hf(checked, config.layers):
-        value = fit_vocab(module, name, value, config.n_vocab, f"{folder}/config.json")
+    fit = vocab_fitter(config.n_vocab, f"{folder}/config.json")
+    for module, name, value in _leaves_from_hf(checked, model_for(config)):
+        value = fit(module, name, value)
         params.setdefault(module, {})[name] = _place(value, _target_leaf(target, module, name))
     return params
 
 
 def load_pretrained_params(path: str, config: Config, target: Any = None) -> dict:
-    """Params to start from, whatever `path` holds: a Hugging Face GPT-J folder (config.json + weights), an
+    """Params to start from, whatever `path` holds: a Hugging Face folder (config.json + weights), an
     original Mesh-Transformer-JAX checkpoint (meta.json + step_*/shard_*, or a step_N/ dir), or one of ours.
 
     Without `target` the result is float32 host numpy; with it, leaves are cast and placed like `target`.
@@ -676,7 +693,7 @@ def load_pretrained_params(path: str, config: Config, target: Any = None) -> dic
         params = load_params(path, target)
     except CheckpointError as e:
         raise InteropError(
-            f"{e} (--tune-model-path takes one of our checkpoints, a Hugging Face GPT-J folder or an "
+            f"{e} (--tune-model-path takes one of our checkpoints, a Hugging Face folder or an "
             "original Mesh-Transformer-JAX checkpoint)"
         ) from None
     if host:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mesh_transformer import sharding
 from mesh_transformer.config import Config
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import is_stacked, model_for, param_count
 
 GiB = 1024**3
 
@@ -37,8 +35,7 @@ class MemoryEstimate(NamedTuple):
 
 def abstract_params(config: Config):
     """Shapes and dtypes of the params, via tracing only."""
-    model = build(ModelShape.from_config(config))
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, config.seq), jnp.int32))
+    return model_for(config).abstract_params(config.seq)
 
 
 def _sharded_bytes(params, rules, mesh_sizes: dict[str, int]) -> int:
@@ -65,23 +62,18 @@ def estimate(config: Config, params=None) -> MemoryEstimate:
         update = grad_bytes + param_bytes
 
     # Activations of one micro-batch on one device (batch split over dp; heads, mlp, vocab over mp).
-    B, T, D, L = config.per_replica_batch, config.seq, config.d_model, config.layers
-    H, mp = config.n_heads, config.mp
+    B, T, L = config.per_replica_batch, config.seq, config.layers
     act = 2 if config.compute_dtype != "float32" else 4
-    one_layer = (
-        B * T * D * 4 * 2  # residual input and LayerNorm output (float32)
-        + B * T * 3 * D // mp * act * 2  # q, k, v (and rotary copies of q, k)
-        + B * H // mp * T * T * (4 + act)  # scores (float32) and probabilities
-        + B * T * D // mp * act  # attention output
-        + B * T * 4 * D // mp * (4 + act)  # fc_in output (float32) and gelu
-    )
+    one_layer = model_for(config).layer_activation_bytes(B, T, config.mp, act)
     if config.remat == "layer":
-        kept = L * B * T * D * 4 + one_layer  # each layer's input, plus one layer recomputed in backward
+        kept = (
+            L * B * T * config.d_model * 4 + one_layer
+        )  # each layer's input, plus one recomputed in backward
     else:
         kept = L * one_layer
     if config.shard_params_over_dp:
         # one layer's weights gathered over dp (float32 and compute dtype), the next one prefetched
-        layer_bytes = 12 * D * D // mp
-        kept += 2 * layer_bytes * (4 + act)
-    logits = 3 * B * T * config.n_vocab // mp * 4  # logits, their gradient, the one-hot product
+        layer_weights = param_count({m: p for m, p in params.items() if is_stacked(m)}) // L
+        kept += 2 * layer_weights // config.mp * (4 + act)
+    logits = 3 * B * T * config.n_vocab // config.mp * 4  # logits, their gradient, the one-hot product
     return MemoryEstimate(param_bytes, 2 * opt_param_bytes, 2 * grad_bytes, kept + logits, update)

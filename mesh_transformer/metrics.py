@@ -3,9 +3,10 @@ optionally Weights & Biases and TensorBoard, with an `event` API for checkpoints
 
 MFU = achieved model FLOP/s / peak FLOP/s of all devices, with model FLOPs per token (PaLM appendix B)
     6 * N  +  6 * L * D * T
-where N counts parameters that take part in matmuls (all but the input embedding), and the second term is the
-causal self-attention (QK^T and AV: 2 * 2 * T * D per token forward, times 3 for forward + backward, halved
-because a causal mask needs only half the score matrix).
+where N counts parameters that take part in matmuls (all but lookup tables: an untied input embedding,
+learned positions), and the second term is the causal self-attention (QK^T and AV: 2 * 2 * T * D per token
+forward, times 3 for forward + backward, halved because a causal mask needs only half the score matrix). Each
+architecture computes its own (`Model.flops_per_token`: GPT-Neo's local layers attend to fewer keys).
 """
 
 from __future__ import annotations
@@ -47,13 +48,11 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(config: Config, matmul_params: int) -> float:
-    """Model FLOPs (forward + backward) per trained token; see the module docstring."""
-    return 6.0 * matmul_params + 6.0 * config.layers * config.d_model * config.seq
+def flops_per_token(config: Config) -> float:
+    """Model FLOPs (forward + backward) per trained token of the config's model; see the module docstring."""
+    from mesh_transformer.models import model_for
 
-
-def matmul_params(config: Config, total_params: int) -> int:
-    return total_params - config.n_vocab * config.d_model  # the input embedding is a lookup
+    return model_for(config).flops_per_token(config.seq)
 
 
 def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import optax
 
 from mesh_transformer.config import Config
-
-STACKED_PREFIX = "gptj/layers/"  # modules under hk.layer_stack carry a leading layers axis
+from mesh_transformer.models import is_stacked
 
 
 def gpt3_schedule(warmup_steps: int, anneal_steps: int, lr: float, end_lr: float) -> optax.Schedule:
@@ -31,7 +30,7 @@ def schedule_for(config: Config) -> optax.Schedule:
 def decay_mask(params):
     """True for weight matrices (per layer), False for biases, norms - the original decayed ndim > 1 only."""
     return {
-        module: {name: (p.ndim - module.startswith(STACKED_PREFIX)) > 1 for name, p in leaves.items()}
+        module: {name: (p.ndim - is_stacked(module)) > 1 for name, p in leaves.items()}
         for module, leaves in params.items()
     }
 

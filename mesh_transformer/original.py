@@ -1,4 +1,4 @@
-"""Import checkpoints of the original Mesh-Transformer-JAX (the GPT-J-6B release layout) as our params.
+"""Import checkpoints of the original Mesh-Transformer-JAX (the GPT-J-6B release layout) as our GPT-J params.
 
 Layout: `{model_dir}/meta.json` and `{model_dir}/step_{N}/shard_{i}/{0..15}.npz`, one folder per
 model-parallel shard, each holding that shard's leaves of the state - the sorted-key flattening of
@@ -17,7 +17,10 @@ import numpy as np
 
 from mesh_transformer import storage
 from mesh_transformer.config import Config
-from mesh_transformer.hf import LAYERS, InteropError, _place, _target_leaf, fit_vocab
+from mesh_transformer.hf import InteropError, _place, _target_leaf, expected_shapes, vocab_fitter
+from mesh_transformer.models import gptj
+
+LAYERS = f"{gptj.ROOT}/layers/block/"
 
 ROOT = "causal_transformer_shard/~/"
 EMBEDDING = ROOT + "embedding_shard/~/linear"
@@ -50,12 +53,12 @@ LAYER_RULES: dict[tuple[str, str], tuple[str, str, str]] = {
     ("replicated_layer_norm", "scale"): ("ln_1", "scale", FIRST),
 }
 GLOBAL_RULES: dict[tuple[str, str], tuple[str, str, str]] = {
-    (EMBEDDING, "b"): ("gptj", "embeddings", SUM),  # added to every embedding row
-    (EMBEDDING, "w"): ("gptj", "embeddings", CONCAT_IN),
-    (PROJECTION, "b"): ("gptj/lm_head", "b", CONCAT_OUT),
-    (PROJECTION, "w"): ("gptj/lm_head", "w", CONCAT_OUT),
-    (FINAL_NORM, "offset"): ("gptj/ln_f", "offset", FIRST),
-    (FINAL_NORM, "scale"): ("gptj/ln_f", "scale", FIRST),
+    (EMBEDDING, "b"): (gptj.ROOT, "embeddings", SUM),  # added to every embedding row
+    (EMBEDDING, "w"): (gptj.ROOT, "embeddings", CONCAT_IN),
+    (PROJECTION, "b"): (f"{gptj.ROOT}/lm_head", "b", CONCAT_OUT),
+    (PROJECTION, "w"): (f"{gptj.ROOT}/lm_head", "w", CONCAT_OUT),
+    (FINAL_NORM, "offset"): (f"{gptj.ROOT}/ln_f", "offset", FIRST),
+    (FINAL_NORM, "scale"): (f"{gptj.ROOT}/ln_f", "scale", FIRST),
 }
 
 
@@ -68,7 +71,7 @@ def param_names(layers: int) -> list[tuple[str, str]]:
 
 
 def _shard_shape(module: str, param: str, c: Config, shards: int, n_vocab: int) -> tuple[int, ...]:
-    d, f = c.d_model, 4 * c.d_model
+    d, f = c.d_model, c.d_ff
     if module == EMBEDDING:
         return (d,) if param == "b" else (n_vocab // shards, d)
     if module == PROJECTION:
@@ -152,6 +155,12 @@ def load_original_params(path: str, config: Config, target: Any = None) -> dict:
     params are read. Leaves are float32 numpy, or cast and placed like `target` when given.
     """
     step_dir = _step_dir(path)
+    ours = {m for m, _, _ in GLOBAL_RULES.values()} | {LAYERS + m for m, _, _ in LAYER_RULES.values()}
+    if set(expected_shapes(config)) != ours:
+        raise InteropError(
+            f"{step_dir}: an original Mesh-Transformer-JAX checkpoint holds a GPT-J, not a model of the "
+            f"config's architecture ({config.architecture})"
+        )
     shard_dirs = []
     while storage.is_dir(d := storage.join(step_dir, f"shard_{len(shard_dirs)}")):
         shard_dirs.append(d)
@@ -196,8 +205,10 @@ def load_original_params(path: str, config: Config, target: Any = None) -> dict:
     position = {name: k for k, name in enumerate(names)}
     params: dict[str, dict[str, Any]] = {}
 
+    fit = vocab_fitter(config.n_vocab, step_dir)
+
     def put(module: str, param: str, value: np.ndarray) -> None:
-        value = fit_vocab(module, param, value, config.n_vocab, step_dir)
+        value = fit(module, param, value)
         params.setdefault(module, {})[param] = _place(value, _target_leaf(target, module, param))
 
     embeddings = combined(position[(EMBEDDING, "w")])[0] + combined(position[(EMBEDDING, "b")])[0]

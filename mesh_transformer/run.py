@@ -20,8 +20,8 @@ from mesh_transformer.engine import generate, sampling_mesh
 from mesh_transformer.errors import InfrastructureError
 from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
-from mesh_transformer.metrics import MetricsLog, flops_per_token, matmul_params, peak_flops
-from mesh_transformer.model import ModelShape, param_count
+from mesh_transformer.metrics import MetricsLog, flops_per_token, peak_flops
+from mesh_transformer.models import model_for, param_count
 from mesh_transformer.train import Trainer, TrainState
 
 
@@ -148,8 +148,7 @@ def train(config: Config, options: RunOptions) -> dict:
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
     checkpoints.prepare(state)  # host buffers for the saves, mapped while the first steps run
 
-    n_params = param_count(state.params)
-    model_flops_per_token = flops_per_token(config, matmul_params(config, n_params))
+    model_flops_per_token = flops_per_token(config)
     peak = peak_flops(jax.devices(), config.compute_dtype)
     end_step = options.steps if options.steps is not None else config.total_steps
     start_step = int(state.step)
@@ -260,7 +259,7 @@ def initial_state(
         loader.load_state_dict(extra["loader"])
         return state
     if tune_model_path:
-        # our checkpoints (full or slim), a Hugging Face GPT-J folder, or an original release checkpoint
+        # our checkpoints (full or slim), a Hugging Face folder of the family, or an original GPT-J release
         params = hf.load_pretrained_params(tune_model_path, trainer.config, trainer.abstract_state.params)
         return trainer.state_from_params(params)
     return trainer.init_state(seed)
@@ -271,7 +270,7 @@ def sample_text(config: Config, params, dataset_dir: str, prompt: str, n_tokens:
     tokenizer = data.load_tokenizer(dataset_dir)
     prompt_ids = tokenizer.encode(prompt).ids or [tokenizer.token_to_id("<|endoftext|>") or 0]
     new_ids = generate(
-        ModelShape.from_config(config),
+        model_for(config),
         params,
         prompt_ids,
         n_tokens,

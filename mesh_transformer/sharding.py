@@ -1,8 +1,10 @@
-"""Everything about device placement: the (dp, mp) mesh, the parameter partition rules, and activation
-constraints. Model code names logical axes ("batch", "heads", ...); this module alone maps them to mesh axes.
+"""Everything about device placement: the (dp, mp) mesh, logical axes to mesh axes, and activation
+constraints. Model code names logical axes ("batch", "heads", ...); each architecture's file gives the logical
+axes of its params (`param_axes`); this module alone maps them to mesh axes.
 
-Tensor parallelism follows the original: q/k/v, fc_in and the LM head split their output dim over `mp`,
-attention-out and fc_out their input dim, the embedding its vocab; the batch splits over `dp`.
+Tensor parallelism follows the original: q/k/v, the MLP's first projection and the LM head split their output
+dim over `mp`, the attention output and the MLP's second projection their input dim, the embedding its vocab;
+the batch splits over `dp`.
 """
 
 from __future__ import annotations
@@ -31,24 +33,6 @@ TENSOR_PARALLEL_RULES: dict[str, str | None] = {
     "vocab": MP,
     "layers": None,
 }
-
-# The one table of parameter partitioning: a regex on "module/param" -> logical axes of the array.
-# Stacked layers carry a leading "layers" axis.
-PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"^gptj/embeddings$", ("vocab", "embed")),
-    (r"gptj/layers/block/ln_1/(scale|offset)$", ("layers", "embed")),
-    (r"gptj/layers/block/(q_proj|k_proj|v_proj)/w$", ("layers", "embed", "heads")),
-    (r"gptj/layers/block/out_proj/w$", ("layers", "heads", "embed")),
-    # generation's q, k and v weights stacked into one array (`model.unstack_layers`)
-    (r"gptj/layers/block/qkv_proj/w$", ("layers", "embed", None, "heads")),
-    (r"gptj/layers/block/fc_in/w$", ("layers", "embed", "mlp")),
-    (r"gptj/layers/block/fc_in/b$", ("layers", "mlp")),
-    (r"gptj/layers/block/fc_out/w$", ("layers", "mlp", "embed")),
-    (r"gptj/layers/block/fc_out/b$", ("layers", "embed")),
-    (r"gptj/ln_f/(scale|offset)$", ("embed",)),
-    (r"gptj/lm_head/w$", ("embed", "vocab")),
-    (r"gptj/lm_head/b$", ("vocab",)),
-]
 
 
 def make_mesh(dp: int, mp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -95,15 +79,20 @@ def spec_for(logical_axes: Sequence[str | None], rules: Mapping[str, str | None]
 
 
 def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    # Generation's one-array-per-layer weights ("gptj/layer_3/fc_in/w", `model.unstack_layers`) split like
-    # one layer of the stacked array.
-    if layer := re.fullmatch(r"gptj/layer_\d+/(.+)", path):
-        return param_logical_axes(f"gptj/layers/block/{layer[1]}", ndim + 1)[1:]
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            assert len(axes) == ndim, f"rule {pattern} has {len(axes)} axes, {path} has {ndim} dims"
-            return axes
-    raise KeyError(f"no partition rule matches parameter {path!r}")
+    """The logical axes of a param ("root/module/param"), from its architecture's partition rules."""
+    from mesh_transformer.models import all_param_axes
+
+    # Decoding's one-array-per-layer weights ("gptj/layer_3/fc_in/w", `layers.unstack_layers`) split like one
+    # layer of the stacked array.
+    if layer := re.fullmatch(r"([^/]+)/layer_\d+/(.+)", path):
+        return param_logical_axes(f"{layer[1]}/layers/block/{layer[2]}", ndim + 1)[1:]
+    matches = [(pattern, axes) for pattern, axes in all_param_axes() if re.search(pattern, path)]
+    assert len(matches) <= 1, f"parameter {path!r} matches several partition rules: {matches}"
+    if not matches:
+        raise KeyError(f"no partition rule matches parameter {path!r}")
+    pattern, axes = matches[0]
+    assert len(axes) == ndim, f"rule {pattern} has {len(axes)} axes, {path} has {ndim} dims"
+    return axes
 
 
 def param_path(module: str, name: str) -> str:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mesh_transformer import sharding
 from mesh_transformer.config import Config
 from mesh_transformer.data import Batch
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import build, model_for
 from mesh_transformer.optimizer import make_optimizer, schedule_for
 
 
@@ -63,7 +63,7 @@ class Trainer:
 
     def __init__(self, config: Config, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        self.model = build(ModelShape.from_config(config))
+        self.model = build(model_for(config))
         self.optimizer = make_optimizer(config)
         self.schedule = schedule_for(config)
 

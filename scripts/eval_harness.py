@@ -1,5 +1,6 @@
-"""Score a checkpoint (full or slim, or a model_dir's newest) or a Hugging Face GPT-J folder on
-lm-evaluation-harness tasks, sharded over the config's mesh; prints the harness's table, writes its JSON.
+"""Score a checkpoint (full or slim, or a model_dir's newest) or a Hugging Face folder of the family (GPT-J,
+GPT-NeoX, GPT-Neo) on lm-evaluation-harness tasks, sharded over the config's mesh; prints the harness's
+table, writes its JSON.
 
 python scripts/eval_harness.py --config configs/demo.json --ckpt runs/demo --tasks lambada_openai,piqa
 """
@@ -19,7 +20,9 @@ from mesh_transformer.errors import UserError, run_cli  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config of the model (see configs/)")
-    p.add_argument("--ckpt", required=True, help="checkpoint dir, model_dir, or Hugging Face GPT-J folder")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint dir, model_dir, or Hugging Face folder of the family"
+    )
     p.add_argument("--tasks", required=True, help="comma-separated harness task names")
     p.add_argument("--limit", type=int, help="score only the first N documents of each task")
     p.add_argument("--output", help="write the harness's results JSON here (local or gs://)")

@@ -131,9 +131,9 @@ BREAKS = [
     ),
     Break(
         "remat_noop",
-        "mesh_transformer/model.py",
+        "mesh_transformer/models/layers.py",
         "remat = 'layer' recomputes nothing (hk.remat skipped)",
-        replace_once(r"layer = hk\.remat\(layer\)", "layer = layer"),
+        replace_once(r"step = hk\.remat\(step\)", "step = step"),
         TRAIN,
     ),
     Break(
@@ -156,7 +156,7 @@ BREAKS = [
     ),
     Break(
         "hf_swap_q_k",
-        "mesh_transformer/hf.py",
+        "mesh_transformer/models/gptj.py",
         "the HF name map swaps q_proj and k_proj",
         swap_once("attn.q_proj.weight", "attn.k_proj.weight"),
         HF,

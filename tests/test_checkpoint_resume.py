@@ -203,7 +203,7 @@ def test_tune_model_path_takes_a_hugging_face_folder(setup, tmp_path: Path) -> N
     from mesh_transformer.config import from_dict
     from mesh_transformer.hf import load_pretrained_params
     from mesh_transformer.memory import abstract_params
-    from mesh_transformer.model import ModelShape, build
+    from mesh_transformer.models import build, model_for
 
     config, dataset = setup
     hf = random_hf_model(
@@ -223,7 +223,7 @@ def test_tune_model_path_takes_a_hugging_face_folder(setup, tmp_path: Path) -> N
     ours = from_dict(CONFIG)
     tuned = jax.device_get(load_params(str(tmp_path / "tuned" / "step_1"), abstract_params(ours)))
     tokens_BT = np.random.default_rng(0).integers(0, CONFIG["n_vocab"], (2, CONFIG["seq"]))
-    logits = build(ModelShape.from_config(ours)).apply(tuned, None, tokens_BT)
+    logits = build(model_for(ours)).apply(tuned, None, tokens_BT)
     with torch.no_grad():
         expected = hf(torch.from_numpy(tokens_BT)).logits.numpy()
     np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-4, rtol=0)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 from test_data import make_documents, split_stream, tokenizer_path  # noqa: F401
-from test_model import random_hf_model
+from test_model import gptj_of, random_hf_model
 
 from mesh_transformer import data, evaluation, prepare, sharding
 from mesh_transformer.config import from_dict
 from mesh_transformer.data import Batch
 from mesh_transformer.hf import params_from_hf
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import build, model_for
 from mesh_transformer.train import Trainer, cross_entropy
 
 VOCAB = 320  # the random transformers model's; room for the test tokenizer's 300
@@ -114,7 +114,9 @@ def test_masked_loss_and_gradients_equal_transformers_with_ignored_labels():
     hf = random_hf_model(**HF_SHAPE)
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     trainer = tiny_trainer()
-    params = jax.device_put(params_from_hf(tensors, 1), trainer.state_shardings.params)
+    params = jax.device_put(
+        params_from_hf(tensors, model_for(trainer.config)), trainer.state_shardings.params
+    )
     tokens, mask = masked_batch()
 
     def loss(p, b):
@@ -127,7 +129,9 @@ def test_masked_loss_and_gradients_equal_transformers_with_ignored_labels():
     labels = torch.from_numpy(np.where(mask > 0, tokens, -100)).long()
     theirs = hf(torch.from_numpy(tokens).long(), labels=labels).loss
     theirs.backward()
-    hf_grads = params_from_hf({k: p.grad.numpy() for k, p in hf.named_parameters()}, 1)
+    hf_grads = params_from_hf(
+        {k: p.grad.numpy() for k, p in hf.named_parameters()}, model_for(trainer.config)
+    )
     assert float(ours) == pytest.approx(float(theirs.detach()), rel=1e-5)
     for (path, ours_g), theirs_g in zip(
         jax.tree_util.tree_leaves_with_path(jax.device_get(grads)),
@@ -199,7 +203,7 @@ def test_validation_loss_of_a_fine_tuning_set_counts_completion_tokens_only(
     validator = evaluation.Validator(trainer, {"ft": dataset}, 3, training_dataset=dataset)
     got = validator.losses(params)["val/ft/loss"]
 
-    forward = jax.jit(build(ModelShape.from_config(trainer.config)).apply)
+    forward = jax.jit(build(model_for(trainer.config)).apply)
     host_params = jax.device_get(params)
     nll, counted = 0.0, 0
     for batch in data.validation_examples(
@@ -222,8 +226,8 @@ def packed(documents: list[list[int]], eos: int) -> tuple[np.ndarray, np.ndarray
 def test_document_mask_gives_each_packed_document_its_logits_alone():
     hf = random_hf_model(**HF_SHAPE)
     c = hf.config
-    shape = ModelShape(c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.rotary_dim, "float32", "none")
-    params = params_from_hf({k: v.detach().numpy() for k, v in hf.state_dict().items()}, c.n_layer)
+    shape = gptj_of(c)
+    params = params_from_hf({k: v.detach().numpy() for k, v in hf.state_dict().items()}, shape)
     apply = jax.jit(build(shape).apply)
     rng = np.random.default_rng(0)
     eos = VOCAB - 1

@@ -19,7 +19,7 @@ from mesh_transformer import data, evaluation, sharding
 from mesh_transformer.checkpoint import save_params
 from mesh_transformer.config import from_dict
 from mesh_transformer.errors import UserError
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import Model, build, model_for
 from mesh_transformer.prepare import prepare_dataset
 from mesh_transformer.train import Trainer
 
@@ -74,7 +74,7 @@ def adapter(tiny):
 
 
 @functools.cache
-def single_device_forward(shape: ModelShape):
+def single_device_forward(shape: Model):
     """log-softmax of the model's logits, one plain jit on the default device: no mesh, no buckets."""
     model = build(shape)
     return jax.jit(
@@ -88,7 +88,7 @@ def direct_logprobs(config, params, ids: list[int]) -> np.ndarray:
     assert len(ids) <= config.seq
     tokens = np.zeros((1, config.seq), np.int32)
     tokens[0, : len(ids)] = ids
-    logp = single_device_forward(ModelShape.from_config(config))(jax.device_get(params), tokens)
+    logp = single_device_forward(model_for(config))(jax.device_get(params), tokens)
     return np.asarray(logp[0, : len(ids)], np.float64)
 
 

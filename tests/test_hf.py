@@ -23,7 +23,6 @@ from mesh_transformer.config import from_dict
 from mesh_transformer.engine import generate
 from mesh_transformer.errors import UserError
 from mesh_transformer.hf import (
-    LAYERS,
     PADDED_VOCAB_BIAS,
     InteropError,
     expected_shapes,
@@ -31,7 +30,7 @@ from mesh_transformer.hf import (
     load_hf_params,
     load_pretrained_params,
 )
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import build, model_for
 from mesh_transformer.sharding import make_mesh
 from mesh_transformer.train import Trainer
 
@@ -53,7 +52,7 @@ def tiny_config(**overrides):
 
 
 def our_logits(config, params, tokens_BT) -> np.ndarray:
-    model = build(ModelShape.from_config(config))
+    model = build(model_for(config))
     return np.asarray(jax.jit(model.apply)(jax.device_get(params), None, jnp.asarray(tokens_BT)))
 
 
@@ -141,8 +140,8 @@ def test_import_places_leaves_on_a_mesh(tmp_path):
     config = tiny_config(tpu_size=8, cores_per_replica=4)
     trainer = Trainer(config, make_mesh(2, 4))
     params = load_pretrained_params(str(tmp_path / "hf"), config, trainer.abstract_state.params)
-    q = params[LAYERS + "q_proj"]["w"]
-    assert q.sharding == trainer.abstract_state.params[LAYERS + "q_proj"]["w"].sharding
+    q = params["gptj/layers/block/q_proj"]["w"]
+    assert q.sharding == trainer.abstract_state.params["gptj/layers/block/q_proj"]["w"].sharding
     assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape == (2, 64, 16)
     tokens_BT = np.random.default_rng(1).integers(0, 96, (1, 12))
     np.testing.assert_allclose(
@@ -196,9 +195,7 @@ def test_model_trained_on_a_mesh_exports_and_generates_the_same_greedy_tokens(tm
     text = "w3 w14 w15 w92 w65"
     prompt = hf_tokenizer(text)["input_ids"]
     assert prompt == tokenizer.encode(text).ids
-    ours = generate(
-        ModelShape.from_config(config), params, prompt, 12, seq=config.seq, vocab_size=128, temperature=0.0
-    )
+    ours = generate(model_for(config), params, prompt, 12, seq=config.seq, vocab_size=128, temperature=0.0)
     with torch.no_grad():
         theirs = exported.generate(
             torch.tensor([prompt]), do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0

@@ -1,5 +1,7 @@
 """The Haiku GPT-J equals Hugging Face `GPTJForCausalLM` with the same random weights."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,9 +9,9 @@ import pytest
 import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
-from mesh_transformer import model as model_lib
 from mesh_transformer.hf import params_from_hf
-from mesh_transformer.model import ModelShape, build, param_count
+from mesh_transformer.models import build, gptj, param_count
+from mesh_transformer.models.gptj import GPTJ
 
 
 def random_hf_model(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, vocab=96, seed=0) -> GPTJForCausalLM:
@@ -36,11 +38,18 @@ def random_hf_model(n_embd=64, n_head=4, n_layer=2, rotary_dim=8, vocab=96, seed
     return hf
 
 
+def gptj_of(c: GPTJConfig, **changes) -> GPTJ:
+    """Our GPT-J of a transformers config's shape (float32, no remat)."""
+    shape = dict(
+        layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head, n_vocab=c.vocab_size, d_ff=4 * c.n_embd
+    )
+    return GPTJ(**shape, rotary_dims=c.rotary_dim, compute_dtype="float32", remat="none", **changes)
+
+
 def ours_vs_hf(hf: GPTJForCausalLM, tokens_BT: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    c = hf.config
-    shape = ModelShape(c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.rotary_dim, "float32", "none")
+    shape = gptj_of(hf.config)
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    params = params_from_hf(tensors, c.n_layer)
+    params = params_from_hf(tensors, shape)
     ours = np.asarray(build(shape).apply(params, None, jnp.asarray(tokens_BT)))
     with torch.no_grad():
         theirs = hf(torch.from_numpy(tokens_BT).long()).logits.numpy()
@@ -61,28 +70,18 @@ def test_logits_match_transformers_gptj(n_embd, n_head, rotary_dim):
 
 def test_neox_rotary_style_does_not_match(monkeypatch):
     """Negative control: "rotate_half" (GPT-NeoX) rotary gives different logits from GPT-J's interleaved."""
-
-    def rotate_half_rotary(x_BTHK, sin_TR, cos_TR):
-        rot = sin_TR.shape[-1]
-        x_rot, x_pass = x_BTHK[..., :rot], x_BTHK[..., rot:]
-        half = rot // 2
-        sin = jnp.concatenate([sin_TR[:, 0::2]] * 2, -1)[:, None, :]
-        cos = jnp.concatenate([cos_TR[:, 0::2]] * 2, -1)[:, None, :]
-        rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], -1)
-        return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], -1)
-
     hf = random_hf_model()
     tokens_BT = np.random.default_rng(1).integers(0, hf.config.vocab_size, (1, 24))
     ours, theirs = ours_vs_hf(hf, tokens_BT)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
-    monkeypatch.setattr(model_lib, "apply_rotary", rotate_half_rotary)
+    monkeypatch.setattr(gptj, "ROTARY_INTERLEAVED", False)
     neox, theirs = ours_vs_hf(hf, tokens_BT)
     assert np.abs(neox - theirs).max() > 1e-2
 
 
 def test_bfloat16_compute_stays_close_to_float32():
-    shape32 = ModelShape(2, 64, 4, 96, 8, "float32", "none")
-    model32, model16 = build(shape32), build(shape32._replace(compute_dtype="bfloat16"))
+    shape32 = GPTJ(layers=2, d_model=64, n_heads=4, n_vocab=96, d_ff=256, rotary_dims=8)
+    model32, model16 = build(shape32), build(dataclasses.replace(shape32, compute_dtype="bfloat16"))
     tokens_BT = jnp.asarray(np.random.default_rng(2).integers(0, 96, (2, 16)))
     params = model32.init(jax.random.PRNGKey(0), tokens_BT)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
@@ -95,9 +94,9 @@ def test_bfloat16_compute_stays_close_to_float32():
 def test_remat_keeps_gradient_values():
     """Values only; that remat recomputes (and saves memory) is checked in the compiled train step in
     test_train.py."""
-    shape = ModelShape(3, 64, 4, 96, 8, "float32", "none")
+    shape = GPTJ(layers=3, d_model=64, n_heads=4, n_vocab=96, d_ff=256, rotary_dims=8)
     tokens_BT = jnp.asarray(np.random.default_rng(3).integers(0, 96, (2, 16)))
-    plain, remat = build(shape), build(shape._replace(remat="layer"))
+    plain, remat = build(shape), build(dataclasses.replace(shape, remat="layer"))
     params = plain.init(jax.random.PRNGKey(0), tokens_BT)
 
     def grads(m):
@@ -124,7 +123,15 @@ def test_6b_parameter_count_matches_transformers_gptj_6b():
             )
         )
     expected = sum(p.numel() for p in hf.parameters())
-    shape = ModelShape(28, 4096, 16, 50400, 64, "bfloat16", "layer")
+    shape = GPTJ(
+        layers=28,
+        d_model=4096,
+        n_heads=16,
+        n_vocab=50400,
+        d_ff=16384,
+        rotary_dims=64,
+        compute_dtype="bfloat16",
+    )
     params = jax.eval_shape(build(shape).init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 8), jnp.int32))
     assert param_count(params) == expected
     assert expected == 6_050_882_784  # the figure REFERENCE.md and the README quote

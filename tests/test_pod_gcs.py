@@ -27,8 +27,9 @@ from helpers import TINY_MODEL, gcs_emulator
 from mesh_transformer import cluster, storage
 from mesh_transformer.checkpoint import CheckpointManager, ParamPieces
 from mesh_transformer.config import from_dict
-from mesh_transformer.hf import GLOBAL_MAP, param_key
+from mesh_transformer.hf import param_key
 from mesh_transformer.metrics import read_metrics
+from mesh_transformer.models.gptj import GLOBAL_NAMES
 from mesh_transformer.prepare import prepare_dataset
 from mesh_transformer.run import RunOptions
 
@@ -197,7 +198,7 @@ def test_export_sample_and_plot_read_the_run_from_the_bucket(bucket, resumed_run
     AutoTokenizer.from_pretrained(local)
     pieces = ParamPieces(resumed_run)
     state = model.state_dict()
-    for (module, name), (hf_name, transpose) in GLOBAL_MAP.items():
+    for (module, name), (hf_name, transpose) in GLOBAL_NAMES.items():
         shape, _ = pieces.shapes[param_key(module, name)]
         ours = np.zeros(shape, np.float32)
         for box, values in pieces.pieces(param_key(module, name)):

@@ -10,7 +10,8 @@ from jax.sharding import PartitionSpec
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mesh_transformer.engine import Generator, generate, sampling_mesh
-from mesh_transformer.model import KVCache, ModelShape, build, unstack_layers
+from mesh_transformer.models import KVCache, Model, build
+from mesh_transformer.models.gptj import GPTJ
 from mesh_transformer.sampling import (
     Row,
     SamplingError,
@@ -21,8 +22,15 @@ from mesh_transformer.sampling import (
 )
 from mesh_transformer.sharding import make_mesh
 
-SHAPE = ModelShape(
-    layers=2, d_model=64, n_heads=4, n_vocab=320, rotary_dims=8, compute_dtype="float32", remat="none"
+SHAPE = GPTJ(
+    layers=2,
+    d_model=64,
+    n_heads=4,
+    n_vocab=320,
+    d_ff=256,
+    rotary_dims=8,
+    compute_dtype="float32",
+    remat="none",
 )
 SEQ = 128
 SENTENCES = [
@@ -48,7 +56,7 @@ def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
     return tokenizer
 
 
-def tiny_params(shape: ModelShape = SHAPE, seed: int = 0, logit_scale: float = 8.0):
+def tiny_params(shape: Model = SHAPE, seed: int = 0, logit_scale: float = 8.0):
     """Random params; the LM head is scaled up so that logits are far apart and a float rounding
     difference (sharded vs not, batch of 1 vs 16) cannot swap the winner."""
     params = jax.jit(build(shape).init)(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))
@@ -93,7 +101,7 @@ def test_cached_logits_match_full_forward_for_rows_at_their_own_positions(params
     tokens = np.random.default_rng(0).integers(0, 300, (2, 14))
     length = np.array([8, 4])  # row 1's prompt is 4 tokens, padded to 8 like row 0's
     cache = KVCache.empty(SHAPE, 2, 24)
-    layer_params = unstack_layers(params, SHAPE.layers)
+    layer_params = SHAPE.decode_layout(params)
     prompt = np.where(np.arange(8) < length[:, None], tokens[:, :8], 0)
     logits_BTV, cache = apply(layer_params, None, jnp.asarray(prompt), cache)
     assert cache.length_B.tolist() == [8, 8]

@@ -11,11 +11,19 @@ import pytest
 from scipy.stats import chisquare
 
 from mesh_transformer.engine import Generator
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import build
+from mesh_transformer.models.gptj import GPTJ
 from mesh_transformer.sampling import Row, SamplingParams
 
-SHAPE = ModelShape(
-    layers=2, d_model=32, n_heads=4, n_vocab=64, rotary_dims=4, compute_dtype="float32", remat="none"
+SHAPE = GPTJ(
+    layers=2,
+    d_model=32,
+    n_heads=4,
+    n_vocab=64,
+    d_ff=128,
+    rotary_dims=4,
+    compute_dtype="float32",
+    remat="none",
 )
 VOCAB = 48  # the tokenizer's size: ids 48..63 are padding and never drawn
 PROMPT = [3, 14, 15, 9, 2, 6]

@@ -11,7 +11,7 @@ from jax.extend.core import jaxprs_in_params
 
 from mesh_transformer import sharding
 from mesh_transformer.config import from_dict
-from mesh_transformer.model import ModelShape, build
+from mesh_transformer.models import build, model_for
 from mesh_transformer.optimizer import decay_mask, gpt3_schedule, make_optimizer
 from mesh_transformer.train import Trainer
 
@@ -50,7 +50,7 @@ def tokens(shape, seed=0):
 # ----- the oracle: no Trainer, no make_optimizer -----
 
 ORACLE = tiny_config(1, 1)
-ORACLE_MODEL = build(ModelShape.from_config(ORACLE))
+ORACLE_MODEL = build(model_for(ORACLE))
 
 
 @jax.jit
