@@ -69,7 +69,14 @@ class LoraSpec:
 def spec_for(config: Config) -> LoraSpec | None:
     if not config.lora_rank:
         return None
-    return LoraSpec(config.lora_rank, float(config.lora_alpha), tuple(config.lora_targets))
+    return LoraSpec(
+        config.lora_rank, float(config.lora_alpha), in_order(model_for(config), config.lora_targets)
+    )
+
+
+def in_order(model: Model, targets) -> tuple[str, ...]:
+    """Targets in the architecture's order (`Model.lora_targets`), whatever order they were named in."""
+    return tuple(t for t in model.lora_targets if t in targets)
 
 
 # ----- the side path -----
@@ -272,7 +279,9 @@ def read_peft(folder: str, model: Model) -> tuple[Any, LoraSpec, str | None]:
             f"{where}: target_modules {wanted!r} are not all projections of {model.architecture} "
             f"({', '.join(by_hf)})"
         )
-    spec = LoraSpec(int(config["r"]), float(config["lora_alpha"]), tuple(sorted(by_hf[m] for m in wanted)))
+    spec = LoraSpec(
+        int(config["r"]), float(config["lora_alpha"]), in_order(model, {by_hf[m] for m in wanted})
+    )
     tensors = load(storage.read_bytes(storage.join(folder, PEFT_WEIGHTS)))
     adapters: dict[str, dict[str, np.ndarray]] = {}
     for module, hf_module in _peft_modules(model, spec).items():
@@ -351,6 +360,34 @@ def adapters_for_hf(path: str, config: Config) -> tuple[Any, LoraSpec, str]:
         abstract_adapters(model_for(config), spec, config.seq),
     )
     return jax.tree_util.tree_map(np.asarray, jax.device_get(load_params(path, target))), spec, info["base"]
+
+
+def export_merged(ckpt: str, config: Config, output_dir: str, *, tokenizer: str | None = None, **options):
+    """`hf.export_checkpoint` of a LoRA checkpoint: its adapters merged into its base (float32, then cast
+    to the export dtype); the run's tokenizer comes along as for any checkpoint."""
+    import tempfile
+
+    from mesh_transformer.checkpoint import save_params
+    from mesh_transformer.data import find_tokenizer
+    from mesh_transformer.hf import _check_output_dir, export_checkpoint
+
+    _check_output_dir(output_dir)
+    tokenizer = find_tokenizer(ckpt, config, tokenizer)
+    params = jax.device_put(load_merged(ckpt, config), jax.devices("cpu")[0])
+    with tempfile.TemporaryDirectory(prefix="lora-merged-") as tmp:
+        save_params(os.path.join(tmp, "params"), params)
+        del params
+        return export_checkpoint(
+            os.path.join(tmp, "params"), config, output_dir, tokenizer=tokenizer, **options
+        )
+
+
+def export_peft(ckpt: str, config: Config, output_dir: str) -> str:
+    """`to_hf_weights.py --peft`: the adapters of a LoRA checkpoint as a PEFT folder over its base; returns
+    the base it names (`base_model_name_or_path`)."""
+    adapters, spec, base = adapters_for_hf(ckpt, config)
+    write_peft(output_dir, adapters, model_for(config), spec, base_model=base)
+    return base
 
 
 def check_base(digest: str, info: dict, where: str, base_path: str) -> None:
