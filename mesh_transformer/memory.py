@@ -34,14 +34,18 @@ class MemoryEstimate(NamedTuple):
 
 
 def abstract_params(config: Config):
-    """Shapes and dtypes of the params (a LoRA run's: base and adapters), via tracing only."""
+    """Shapes and dtypes of the model's params (the stored layout), via tracing only."""
+    return model_for(config).abstract_params(config.seq)
+
+
+def run_params(config: Config):
+    """Shapes and dtypes of what a run trains over: the model's params, and a LoRA run's adapters."""
     from mesh_transformer import lora
 
     spec = lora.spec_for(config)
     if spec is None:
-        return model_for(config).abstract_params(config.seq)
-    adapters = lora.abstract_adapters(model_for(config), spec, config.seq)
-    return lora.join(adapters, model_for(config).abstract_params(config.seq))
+        return abstract_params(config)
+    return lora.join(lora.abstract_adapters(model_for(config), spec, config.seq), abstract_params(config))
 
 
 def _sharded_bytes(params, rules, mesh_sizes: dict[str, int], itemsize=lambda name: 4) -> int:
@@ -59,7 +63,7 @@ def estimate(config: Config, params=None) -> MemoryEstimate:
     `lora.frozen_dtype` keeps it in, and has no optimizer state or gradients."""
     from mesh_transformer import lora
 
-    params = abstract_params(config) if params is None else params
+    params = run_params(config) if params is None else params
     trained, frozen = lora.split(params) if config.lora_rank else (params, {})
     mesh_sizes = {sharding.DP: config.dp, sharding.MP: config.mp}
     frozen_size = lambda name: lora.frozen_dtype(name, config.compute_dtype).itemsize  # noqa: E731

@@ -55,9 +55,9 @@ def model_dir_for(config: Config, override: str | None) -> str:
 
 def describe(config: Config) -> str:
     """The --dry-run report: parsed config, mesh, parameter count and per-device memory, from shapes only."""
-    from mesh_transformer.memory import abstract_params
+    from mesh_transformer.memory import run_params
 
-    params = abstract_params(config)
+    params = run_params(config)  # a LoRA run's adapters included
     mem = estimate(config, params)
     lines = ["config:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in config.to_dict().items()]

@@ -21,7 +21,13 @@ from helpers import TINY_MODEL
 from test_model import random_hf_model
 
 from mesh_transformer import data, lora
-from mesh_transformer.checkpoint import METADATA_FILE, CheckpointManager, load_params, save_params
+from mesh_transformer.checkpoint import (
+    METADATA_FILE,
+    CheckpointError,
+    CheckpointManager,
+    load_params,
+    save_params,
+)
 from mesh_transformer.config import ConfigError, from_dict
 from mesh_transformer.hf import load_pretrained_params
 from mesh_transformer.models import build, model_for
@@ -163,6 +169,12 @@ def test_lora_trains_adapters_only_on_any_mesh_from_every_kind_of_base(tmp_path)
     write_original_checkpoint(str(tmp_path / "orig"), hf, full=True)
     state = trainer.tuned_state(str(tmp_path / "orig"))
     assert trainer.base_identity["base_sha256"] != sha1
+    # ... so resuming the Hugging Face run over the original checkpoint's weights is one clear error.
+    extra = {"lora": {"base": str(tmp_path / "hf"), "base_sha256": sha1, "spec": trainer.spec.to_json()}}
+    with pytest.raises(
+        CheckpointError, match=r"trained on base .*/hf \(sha256 [0-9a-f]{16}\), but .*/orig holds"
+    ):
+        trainer.resumed(trainer.saved(state), extra, str(tmp_path / "orig"))
     original_base = load_pretrained_params(str(tmp_path / "orig"), config)
     np.testing.assert_array_equal(
         jax.device_get(lora.split(state.params)[1]["gptj/layers/block/fc_in"]["b"]),
@@ -306,16 +318,6 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
     for step in (2, 3):
         assert piece_hashes(run_b / f"step_{step}") == piece_hashes(run_a / f"step_{step}"), step
 
-    # Resuming over another base is one clear line, no traceback.
-    other = random_hf_model(vocab=CONFIG["n_vocab"], seed=5)
-    other.save_pretrained(root / "other")
-    run_c = root / "c"
-    run_c.mkdir()
-    shutil.copytree(run_a / "step_1", run_c / "step_1")
-    done = cli(*train_command(root, dataset, run_c, root / "other", 3), ok=False)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert "trained on base" in done.stderr.strip().splitlines()[-1], done.stderr[-2000:]
-
     # Exports: merged weights for transformers, a PEFT folder for peft over the base, both our logits.
     adapters = saved_adapters(str(run_a / "step_3"), config)
     tokens_BT = np.random.default_rng(3).integers(0, CONFIG["n_vocab"], (2, 16))
@@ -348,8 +350,9 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
     np.testing.assert_allclose(hf_logits(with_adapters.eval(), tokens_BT), ours, atol=1e-4, rtol=0)
 
     # The PEFT folder reads back: a LoRA run starts from exactly its adapters, sampling merges them the same.
-    trainer = make_trainer(from_dict(dict(CONFIG, tpu_size=1, cores_per_replica=1)), make_mesh(1, 1))
-    started = jax.device_get(lora.split(trainer.tuned_state(str(peft_dir)).params)[0])
+    # (the NeoX test starts a run from a PEFT folder; here the same reader, `lora.load_base`)
+    read_base, base_path, started = lora.load_base(str(peft_dir), config)
+    assert base_path == str(root / "hf") and lora.params_sha256(read_base) == lora.params_sha256(base)
     jax.tree_util.tree_map(np.testing.assert_array_equal, started, adapters)
     jax.tree_util.tree_map(
         np.testing.assert_array_equal,
