@@ -159,7 +159,9 @@ def test_lora_trains_adapters_only_on_any_mesh_from_every_kind_of_base(tmp_path)
         results[(dp, mp)] = losses, adapters, trainer.base_identity["base_sha256"]
     (l1, a1, sha1), (l2, a2, sha2) = results.values()
     np.testing.assert_allclose(l1, l2, rtol=1e-5)
-    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-4), a1, a2)  # bfloat16
+    # bfloat16 matmuls sum in another order on each mesh; Adam's normalisation magnifies that where a
+    # gradient is near zero (adapters are ~0.03-0.1; a mis-sharded adapter would be off by that much)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-3), a1, a2)
 
     # One of our checkpoints of the same weights is the same base (the identity is of the values), and an
     # original Mesh-Transformer-JAX checkpoint starts a LoRA run whose step 0 is its own model.
