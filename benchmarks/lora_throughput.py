@@ -6,8 +6,8 @@ adapters on q, k, v, out, fc_in and fc_out (alpha 32): our LoRA step (`lora.Lora
 fine-tuning step (`train.Trainer`), and a `peft.get_peft_model` GPT-J trained by torch AdamW. Tokens/s: the
 three sides take turns for `--rounds` rounds of `--steps` steps (sides alternated, compile and warm-up
 untimed); the median over rounds is reported with the spread (min - max) of the rounds. Peak memory: each
-side in its own process, the growth of its peak resident set over the same process's after imports (model,
-optimizer state and a step's temporaries; XLA's and torch's allocators both count).
+side in its own process, its peak resident set minus its resident set after imports (model, optimizer state
+and a step's temporaries; XLA's and torch's allocators both count). `--rounds 0` prints the memory only.
 
     python benchmarks/lora_throughput.py [--rounds 5] [--steps 3] [--threads N]
 """
@@ -120,9 +120,9 @@ def make_side(name: str, base_dir: str):
 
 def peak_memory(name: str, base_dir: str) -> int:
     """Bytes the side's peak resident set grows by over its process's after imports (its own process)."""
-    code = (
-        "import json, resource, sys; sys.argv = ['x']; import benchmarks.lora_throughput as b; "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+    code = (  # VmRSS now (KiB) against the peak after the side's work (ru_maxrss, KiB on Linux)
+        "import json, resource, sys; import benchmarks.lora_throughput as b; "
+        "before = int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]); "
         f"step = b.make_side({name!r}, {base_dir!r}); step(); step(); "
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))"
     )
@@ -147,6 +147,10 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__}, torch {torch.__version__}")
     print(f"model: GPT-J {SHAPE}, batch {BATCH}; LoRA rank {RANK}, alpha {ALPHA}, targets {TARGETS}")
+    if args.rounds == 0:
+        for name in SIDES:
+            print(f"{name:28s} peak RSS growth {peak_memory(name, args.base_dir) / 2**20:8.0f} MiB")
+        return
     steps = {name: make_side(name, args.base_dir) for name in SIDES}
     for step in steps.values():  # compile and warm up, untimed
         step()
