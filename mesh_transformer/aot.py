@@ -31,7 +31,7 @@ from mesh_transformer import sharding  # noqa: E402
 from mesh_transformer.config import Config, ConfigError  # noqa: E402
 from mesh_transformer.errors import UserError  # noqa: E402
 from mesh_transformer.memory import GiB, MemoryEstimate, estimate  # noqa: E402
-from mesh_transformer.train import Trainer  # noqa: E402
+from mesh_transformer.train import Trainer, make_trainer  # noqa: E402
 
 # HBM per device (a core on v2/v3, a chip from v4 on), keyed by the topology's device_kind.
 DEVICE_MEMORY_GIB = {
@@ -145,7 +145,7 @@ def compile_step(config: Config, topology: str) -> AotResult:
     device_kind = devices[0].device_kind
     if device_kind not in DEVICE_MEMORY_GIB:
         raise UnknownTopology(f"no HBM size known for {device_kind} (topology {topology!r})")
-    trainer = Trainer(config, sharding.mesh_for(config, devices))
+    trainer = make_trainer(config, sharding.mesh_for(config, devices))
     lowered = trainer.step.lower(trainer.abstract_state, abstract_batch(trainer))
     result = AotResult(
         config=config,

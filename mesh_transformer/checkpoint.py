@@ -814,6 +814,12 @@ def load_params(path: str, target: Any) -> Any:
     return _restore_tree(store, directory, meta, target, prefix=PARAMS_PREFIX, cast=True)
 
 
+def read_extra(path: str) -> dict:
+    """The `extra` a checkpoint (full or slim, or a model_dir's newest) was saved with."""
+    store, directory = _resolve(path)
+    return _read_metadata(store, directory).get("extra") or {}
+
+
 class ParamPieces:
     """The params of a full or slim checkpoint (or a model_dir's newest) streamed piece by piece on the host.
 

@@ -100,6 +100,13 @@ class Config:
     # Attention stays inside each document of a packed sequence (split at EOS) and positions restart at each
     # document, so a document is computed as if alone; false (GPT-J's training) attends across documents.
     document_mask: bool = False
+    # LoRA fine-tuning (mesh_transformer/lora.py): `lora_rank` > 0 freezes the base model (held in the compute
+    # dtype) and trains low-rank adapters W + (lora_alpha / lora_rank) * A @ B on the projections named in
+    # `lora_targets` (the architecture's names, `lora_targets` in models/<architecture>.py; unset: its
+    # default, q and v). Needs --tune-model-path: the base to adapt.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None
 
     # ----- derived values -----
     @property
@@ -312,6 +319,30 @@ def validate(c: Config) -> Config:
         )
     c = _resolve_family_keys(c)
     _check_family_keys(c)
+    return _check_lora_keys(c)
+
+
+def _check_lora_keys(c: Config) -> Config:
+    """lora_rank >= 0, a positive lora_alpha, targets the architecture has (its default filled in)."""
+    from mesh_transformer import models
+
+    if c.lora_rank < 0:
+        raise ConfigError(f"config key 'lora_rank' must be >= 0 (0 = no LoRA), got {c.lora_rank}")
+    if not c.lora_alpha > 0:
+        raise ConfigError(f"config key 'lora_alpha' must be positive, got {c.lora_alpha}")
+    if c.lora_rank == 0:
+        if c.lora_targets is not None:
+            raise ConfigError("config key 'lora_targets' needs lora_rank > 0; remove it or set lora_rank")
+        return c
+    arch = models.ARCHITECTURES[c.architecture]
+    if c.lora_targets is None:
+        return dataclasses.replace(c, lora_targets=list(arch.lora_default_targets))
+    unknown = [t for t in c.lora_targets if t not in arch.lora_targets]
+    if unknown or not c.lora_targets or len(set(c.lora_targets)) != len(c.lora_targets):
+        raise ConfigError(
+            f"config key 'lora_targets' must be distinct names of {c.architecture}'s projections "
+            f"({', '.join(arch.lora_targets)}), got {c.lora_targets!r}"
+        )
     return c
 
 

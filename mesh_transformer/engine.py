@@ -824,6 +824,7 @@ def load_generator(
     """A generator for the params of checkpoint `ckpt` (full, slim, or a model_dir's newest), split over
     `mesh` (default: `sampling_mesh(config.mp)`), with the run's tokenizer: `tokenizer_path` (a
     tokenizer.json or dataset dir), else the dataset next to the checkpoint, else the config's `tokenizer`."""
+    from mesh_transformer import lora
     from mesh_transformer.checkpoint import load_params
     from mesh_transformer.data import find_tokenizer
     from mesh_transformer.memory import abstract_params
@@ -837,7 +838,10 @@ def load_generator(
     tokenizer = read_tokenizer_file(path)[0]
     mesh = mesh if mesh is not None else sampling_mesh(config.mp)
     shape = model_for(config)
-    params = load_params(ckpt, inference_params_target(shape, abstract_params(config), mesh))
+    if lora.is_peft_folder(ckpt) or lora.lora_info(ckpt) is not None:
+        params = lora.load_merged(ckpt, config)  # adapters merged at load: decoding is the base model's
+    else:
+        params = load_params(ckpt, inference_params_target(shape, abstract_params(config), mesh))
     return Generator(
         shape, params, seq=config.seq, tokenizer=tokenizer, mesh=mesh, tokenizer_path=path, **options
     )

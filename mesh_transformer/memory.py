@@ -34,26 +34,43 @@ class MemoryEstimate(NamedTuple):
 
 
 def abstract_params(config: Config):
-    """Shapes and dtypes of the params, via tracing only."""
+    """Shapes and dtypes of the model's params (the stored layout), via tracing only."""
     return model_for(config).abstract_params(config.seq)
 
 
-def _sharded_bytes(params, rules, mesh_sizes: dict[str, int]) -> int:
+def run_params(config: Config):
+    """Shapes and dtypes of what a run trains over: the model's params, and a LoRA run's adapters."""
+    from mesh_transformer import lora
+
+    spec = lora.spec_for(config)
+    if spec is None:
+        return abstract_params(config)
+    return lora.join(lora.abstract_adapters(model_for(config), spec, config.seq), abstract_params(config))
+
+
+def _sharded_bytes(params, rules, mesh_sizes: dict[str, int], itemsize=lambda name: 4) -> int:
     total = 0
     for module, leaves in params.items():
         for name, p in leaves.items():
             spec = sharding.spec_for(sharding.param_logical_axes(f"{module}/{name}", len(p.shape)), rules)
             shards = int(np.prod([mesh_sizes[a] for a in spec if a is not None]))
-            total += int(np.prod(p.shape)) * 4 // shards
+            total += int(np.prod(p.shape)) * itemsize(name) // shards
     return total
 
 
 def estimate(config: Config, params=None) -> MemoryEstimate:
-    params = abstract_params(config) if params is None else params
+    """A LoRA run (lora_rank > 0) trains its adapters only: its frozen base counts in `params`, in the dtypes
+    `lora.frozen_dtype` keeps it in, and has no optimizer state or gradients."""
+    from mesh_transformer import lora
+
+    params = run_params(config) if params is None else params
+    trained, frozen = lora.split(params) if config.lora_rank else (params, {})
     mesh_sizes = {sharding.DP: config.dp, sharding.MP: config.mp}
-    param_bytes = _sharded_bytes(params, sharding.logical_rules(config), mesh_sizes)
-    opt_param_bytes = _sharded_bytes(params, sharding.logical_rules(config, for_optimizer=True), mesh_sizes)
-    grad_bytes = _sharded_bytes(params, sharding.gradient_rules(config), mesh_sizes)
+    frozen_size = lambda name: lora.frozen_dtype(name, config.compute_dtype).itemsize  # noqa: E731
+    frozen_bytes = _sharded_bytes(frozen, sharding.logical_rules(config), mesh_sizes, frozen_size)
+    param_bytes = _sharded_bytes(trained, sharding.logical_rules(config), mesh_sizes)
+    opt_param_bytes = _sharded_bytes(trained, sharding.logical_rules(config, for_optimizer=True), mesh_sizes)
+    grad_bytes = _sharded_bytes(trained, sharding.gradient_rules(config), mesh_sizes)
     if config.shard_params_over_dp:
         update = grad_bytes + 2 * opt_param_bytes  # gradients and updates, all split over dp
     else:
@@ -76,4 +93,6 @@ def estimate(config: Config, params=None) -> MemoryEstimate:
         layer_weights = param_count({m: p for m, p in params.items() if is_stacked(m)}) // L
         kept += 2 * layer_weights // config.mp * (4 + act)
     logits = 3 * B * T * config.n_vocab // config.mp * 4  # logits, their gradient, the one-hot product
-    return MemoryEstimate(param_bytes, 2 * opt_param_bytes, 2 * grad_bytes, kept + logits, update)
+    return MemoryEstimate(
+        frozen_bytes + param_bytes, 2 * opt_param_bytes, 2 * grad_bytes, kept + logits, update
+    )

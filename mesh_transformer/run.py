@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import jax
 from tqdm import tqdm
 
-from mesh_transformer import data, hf, sharding, storage
+from mesh_transformer import data, sharding, storage
 from mesh_transformer.checkpoint import CheckpointError, CheckpointManager
 from mesh_transformer.config import Config
 from mesh_transformer.engine import generate, sampling_mesh
@@ -22,7 +22,7 @@ from mesh_transformer.evaluation import Evaluator
 from mesh_transformer.memory import GiB, estimate
 from mesh_transformer.metrics import MetricsLog, flops_per_token, peak_flops
 from mesh_transformer.models import model_for, param_count
-from mesh_transformer.train import Trainer, TrainState
+from mesh_transformer.train import Trainer, TrainState, make_trainer
 
 
 @dataclasses.dataclass
@@ -55,9 +55,9 @@ def model_dir_for(config: Config, override: str | None) -> str:
 
 def describe(config: Config) -> str:
     """The --dry-run report: parsed config, mesh, parameter count and per-device memory, from shapes only."""
-    from mesh_transformer.memory import abstract_params
+    from mesh_transformer.memory import run_params
 
-    params = abstract_params(config)
+    params = run_params(config)  # a LoRA run's adapters included
     mem = estimate(config, params)
     lines = ["config:"]
     lines += [f"  {k}: {json.dumps(v)}" for k, v in config.to_dict().items()]
@@ -141,12 +141,12 @@ def train(config: Config, options: RunOptions) -> dict:
     dataset_dir = next(iter(datasets))  # its tokenizer is every dataset's
     loader = make_loader(config, options, datasets)
     mesh = sharding.mesh_for(config)
-    trainer = Trainer(config, mesh)
+    trainer = make_trainer(config, mesh)
     # checks val sets and harness tasks before training
     evaluator = Evaluator(trainer, datasets if isinstance(loader, data.MixtureLoader) else dataset_dir)
     checkpoints = CheckpointManager(model_dir, keep_n=config.keep_n, keep_every=config.keep_every)
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
-    checkpoints.prepare(state)  # host buffers for the saves, mapped while the first steps run
+    checkpoints.prepare(trainer.saved(state))  # host buffers for the saves, mapped while the first steps run
 
     model_flops_per_token = flops_per_token(config)
     peak = peak_flops(jax.devices(), config.compute_dtype)
@@ -192,9 +192,11 @@ def train(config: Config, options: RunOptions) -> dict:
             if (step + 1) % config.ckpt_every == 0 or step + 1 == end_step:
                 # Returns once host copies are taken; the write overlaps the next steps.
                 extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
+                extra.update(trainer.checkpoint_extra())
+                saved = trainer.saved(state)  # a LoRA run saves its adapters, not the base
                 with _phase(options, "checkpoint"):
                     checkpoints.save(
-                        step + 1, state, extra, before_commit=log.flush, on_commit=_log_commit(log, model_dir)
+                        step + 1, saved, extra, before_commit=log.flush, on_commit=_log_commit(log, model_dir)
                     )
             bar.set_postfix(
                 loss=f"{metrics['loss']:.3f}",
@@ -215,7 +217,8 @@ def train(config: Config, options: RunOptions) -> dict:
 
     # Params spanning several processes cannot be sampled by one; the Ray driver samples from the checkpoint.
     if options.sample_prompt is not None and jax.process_count() == 1:
-        print(sample_text(config, state.params, dataset_dir, options.sample_prompt, options.sample_tokens))
+        params = trainer.servable(state.params)  # a LoRA run's adapters merged into the base
+        print(sample_text(config, params, dataset_dir, options.sample_prompt, options.sample_tokens))
     return metrics
 
 
@@ -253,15 +256,14 @@ def initial_state(
     init."""
     step = checkpoints.latest_step()
     if step is not None:
-        state, extra = checkpoints.restore(trainer.abstract_state, step)
+        saved, extra = checkpoints.restore(trainer.abstract_saved_state, step)
         if not isinstance(extra.get("loader"), dict):
             raise CheckpointError(f"{checkpoints.model_dir}/step_{step}: holds no data-loader position")
         loader.load_state_dict(extra["loader"])
-        return state
+        return trainer.resumed(saved, extra, tune_model_path)
     if tune_model_path:
         # our checkpoints (full or slim), a Hugging Face folder of the family, or an original GPT-J release
-        params = hf.load_pretrained_params(tune_model_path, trainer.config, trainer.abstract_state.params)
-        return trainer.state_from_params(params)
+        return trainer.tuned_state(tune_model_path)
     return trainer.init_state(seed)
 
 

@@ -86,6 +86,10 @@ def param_logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     # layer of the stacked array.
     if layer := re.fullmatch(r"([^/]+)/layer_\d+/(.+)", path):
         return param_logical_axes(f"{layer[1]}/layers/block/{layer[2]}", ndim + 1)[1:]
+    if path.endswith(("/lora_a", "/lora_b")):  # a LoRA adapter splits like the weight it adapts
+        from mesh_transformer.lora import adapter_axes
+
+        return adapter_axes(path, param_logical_axes(path.rsplit("/", 1)[0] + "/w", ndim))
     matches = [(pattern, axes) for pattern, axes in all_param_axes() if re.search(pattern, path)]
     assert len(matches) <= 1, f"parameter {path!r} matches several partition rules: {matches}"
     if not matches:

@@ -53,6 +53,15 @@ def cross_entropy(
     return ce, jnp.sum(jnp.where(mask_BT, jnp.square(log_z_BT), 0.0)) / n_targets
 
 
+def make_trainer(config: Config, mesh: Mesh) -> Trainer:
+    """The Trainer of a config: a `lora.LoraTrainer` when it sets lora_rank."""
+    if config.lora_rank:
+        from mesh_transformer.lora import LoraTrainer
+
+        return LoraTrainer(config, mesh)
+    return Trainer(config, mesh)
+
+
 def as_batch(tokens_or_batch: jax.Array | Batch) -> Batch:
     """A step's or evaluation's input: a token array (every token a target, no document mask) or a Batch."""
     return tokens_or_batch if isinstance(tokens_or_batch, Batch) else Batch(tokens_or_batch)
@@ -63,17 +72,18 @@ class Trainer:
 
     def __init__(self, config: Config, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        self.model = build(model_for(config))
+        self.model = self._transformed()
         self.optimizer = make_optimizer(config)
         self.schedule = schedule_for(config)
 
         abstract = jax.eval_shape(self._init, jax.ShapeDtypeStruct((2,), jnp.uint32))
         self.state_shardings = self._state_shardings(abstract)
-        # gradients: accumulated split over dp, then handed to the optimizer in its moments' sharding
+        # gradients (of the trained params): accumulated split over dp, then handed to the optimizer in its
+        # moments' sharding
         grad_rules = sharding.gradient_rules(config)
         optimizer_rules = sharding.logical_rules(config, for_optimizer=True)
         self.grad_shardings, self.optimizer_param_shardings = (
-            sharding.tree_shardings(mesh, sharding.param_specs(abstract.params, rules))
+            sharding.tree_shardings(mesh, sharding.param_specs(self.split(abstract.params)[0], rules))
             for rules in (grad_rules, optimizer_rules)
         )
         self.batch_sharding = sharding.batch_sharding(mesh)
@@ -102,7 +112,7 @@ class Trainer:
         rules = sharding.logical_rules(self.config)
         param_specs = sharding.param_specs(abstract.params, rules)
         opt_specs = sharding.param_specs(
-            abstract.params, sharding.logical_rules(self.config, for_optimizer=True)
+            self.split(abstract.params)[0], sharding.logical_rules(self.config, for_optimizer=True)
         )
         opt_state_specs = optax.tree_map_params(
             self.optimizer,
@@ -115,6 +125,17 @@ class Trainer:
         specs = TrainState(PartitionSpec(), param_specs, opt_state_specs)
         return sharding.tree_shardings(self.mesh, specs)
 
+    # ----- what is trained (a LoRA run trains adapters over a frozen base: lora.LoraTrainer) -----
+    def _transformed(self):
+        return build(model_for(self.config))
+
+    def split(self, params) -> tuple[Any, Any]:
+        """(the params the optimizer trains, the frozen rest): here all of them are trained."""
+        return params, {}
+
+    def join(self, trained, frozen):
+        return trained
+
     # ----- traced functions -----
     def _init(self, key: jax.Array) -> TrainState:
         """key: a raw uint32[2] PRNG key."""
@@ -122,7 +143,7 @@ class Trainer:
         return self._from_params(self.model.init(key, dummy_BT))
 
     def _from_params(self, params) -> TrainState:
-        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(self.split(params)[0]))
 
     def _loss(
         self, params, batch_BT1: jax.Array | Batch, n_targets: jax.Array | None = None
@@ -147,23 +168,26 @@ class Trainer:
         n_targets = None
         if batch.loss_mask is not None:
             n_targets = jnp.maximum(jnp.sum(batch.loss_mask[..., 1:] > 0).astype(jnp.float32), 1.0)
+        trained, frozen = self.split(state.params)
         with sharding.activation_sharding(self.mesh):
-            grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+            grad_fn = jax.value_and_grad(
+                lambda t, micro_BT1: self._loss(self.join(t, frozen), micro_BT1, n_targets), has_aux=True
+            )
 
             def micro_step(grad_sum, micro_BT1):
-                (_, ce), grads = grad_fn(state.params, micro_BT1, n_targets)
+                (_, ce), grads = grad_fn(trained, micro_BT1)
                 return jax.tree_util.tree_map(jnp.add, grad_sum, grads), ce
 
             # float32 accumulator (never bf16: see REFERENCE section 3)
-            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
             zeros = jax.lax.with_sharding_constraint(zeros, self.grad_shardings)
             grad_sum, ce_A = jax.lax.scan(micro_step, zeros, batch)
             divisor = accumulation if n_targets is None else 1
             grads = jax.tree_util.tree_map(lambda g: g / divisor, grad_sum)
             grads = jax.lax.with_sharding_constraint(grads, self.optimizer_param_shardings)
 
-            updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, trained)
+            params = self.join(optax.apply_updates(trained, updates), frozen)
             metrics = {
                 "loss": jnp.mean(ce_A) if n_targets is None else jnp.sum(ce_A),
                 "grad_norm": optax.tree.norm(grads),
@@ -183,6 +207,37 @@ class Trainer:
     def state_from_params(self, params) -> TrainState:
         """Step 0 with a fresh optimizer around `params`: where fine-tuning starts (schedule from step 0)."""
         return self._jit_from_params(params)
+
+    # ----- what a run saves, resumes and samples (lora.LoraTrainer keeps the base out of its checkpoints) ---
+    @property
+    def abstract_saved_state(self) -> TrainState:
+        """The structure (with shardings) of what `saved` returns: what a checkpoint restores into."""
+        return self.abstract_state
+
+    def saved(self, state: TrainState) -> TrainState:
+        """What a checkpoint of `state` holds."""
+        return state
+
+    def checkpoint_extra(self) -> dict:
+        """What a checkpoint's extra holds besides the run's own keys."""
+        return {}
+
+    def resumed(self, saved: TrainState, extra: dict, tune_model_path: str | None) -> TrainState:
+        """The train state of a restored checkpoint (`saved`, and its `extra`)."""
+        return saved
+
+    def tuned_state(self, tune_model_path: str) -> TrainState:
+        """Step 0 of a fine-tune from `tune_model_path`: our checkpoints (full or slim), a Hugging Face folder
+        of the family, or an original GPT-J release."""
+        from mesh_transformer.hf import load_pretrained_params
+
+        return self.state_from_params(
+            load_pretrained_params(tune_model_path, self.config, self.abstract_state.params)
+        )
+
+    def servable(self, params):
+        """The params as sampling and export read them (the model's stored layout, nothing else)."""
+        return params
 
     def global_batch(self, local: np.ndarray | Batch) -> jax.Array | Batch:
         """This process's rows (A, B / processes, T + 1) - a token array or a Batch of such arrays - as

@@ -55,6 +55,11 @@ class Model(abc.ABC):
     config_defaults: ClassVar[dict[str, Any]]
     # The partition rules: a regex on "module/param" -> logical axes of the array ("layers" first if stacked).
     param_axes: ClassVar[list[tuple[str, tuple[str | None, ...]]]]
+    # LoRA (mesh_transformer/lora.py): the config's `lora_targets` names -> the layer's `Dense` module each
+    # adapts (relative to the stack; its Hugging Face name, from `hf_names`, gives PEFT's target_modules),
+    # and the targets of a config that names none.
+    lora_targets: ClassVar[dict[str, str]]
+    lora_default_targets: ClassVar[tuple[str, ...]]
 
     @property
     def head_dim(self) -> int:

@@ -74,6 +74,15 @@ class GPTNeo(Model):
         "tie_word_embeddings": True,
     }
     param_axes: ClassVar[list] = PARAM_AXES
+    lora_targets: ClassVar[dict[str, str]] = {
+        "q": "q_proj",
+        "k": "k_proj",
+        "v": "v_proj",
+        "out": "out_proj",
+        "c_fc": "c_fc",
+        "c_proj": "c_proj",
+    }
+    lora_default_targets: ClassVar[tuple[str, ...]] = ("q", "v")
 
     @classmethod
     def from_config(cls, c: Any) -> GPTNeo:

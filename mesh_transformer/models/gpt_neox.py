@@ -69,6 +69,13 @@ class GPTNeoX(Model):
         "attention_bias": True,
     }
     param_axes: ClassVar[list] = PARAM_AXES
+    lora_targets: ClassVar[dict[str, str]] = {
+        "query_key_value": "query_key_value",
+        "dense": "dense",
+        "dense_h_to_4h": "dense_h_to_4h",
+        "dense_4h_to_h": "dense_4h_to_h",
+    }
+    lora_default_targets: ClassVar[tuple[str, ...]] = ("query_key_value",)
 
     @property
     def rotary_dims(self) -> int:

@@ -59,6 +59,15 @@ class GPTJ(Model):
         "layer_norm_eps": 1e-5,
     }
     param_axes: ClassVar[list] = PARAM_AXES
+    lora_targets: ClassVar[dict[str, str]] = {
+        "q": "q_proj",
+        "k": "k_proj",
+        "v": "v_proj",
+        "out": "out_proj",
+        "fc_in": "fc_in",
+        "fc_out": "fc_out",
+    }
+    lora_default_targets: ClassVar[tuple[str, ...]] = ("q", "v")
 
     @classmethod
     def from_config(cls, c: Any) -> GPTJ:
