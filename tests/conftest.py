@@ -16,3 +16,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices; was JAX initialised before conftest?"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Workers of `-n auto`: one per core, at most one per 6 GiB of memory (a worker with its Ray actors and
+    compiled programs peaks near 5 GiB), and at most 4 (each worker's 8 fake devices keep every core busy)."""
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, min(os.cpu_count() or 1, memory // (6 << 30), 4))
