@@ -13,6 +13,7 @@ here, under both attention conventions (6*L*D*T, ours; 12*L*D*T, PaLM's and nano
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -183,6 +184,7 @@ def main() -> None:
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated, of: " + ",".join(RUNS))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # each shape's table shows as soon as it is measured
     torch.set_num_threads(args.threads)
     peak = {"float32": measure_matmul_flops("float32"), "bfloat16": measure_matmul_flops("bfloat16")}
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__}, torch {torch.__version__}")
