@@ -1,12 +1,14 @@
 """Training figures: model FLOPs per token, the hardware's peak, MFU; the run's log (`metrics.jsonl`, and
 optionally Weights & Biases and TensorBoard, with an `event` API for checkpoints and recoveries); its plot.
 
-MFU = achieved model FLOP/s / peak FLOP/s of all devices, with model FLOPs per token (PaLM appendix B)
+MFU = achieved model FLOP/s / peak FLOP/s of all devices, with model FLOPs per token
     6 * N  +  6 * L * D * T
 where N counts parameters that take part in matmuls (all but lookup tables: an untied input embedding,
 learned positions), and the second term is the causal self-attention (QK^T and AV: 2 * 2 * T * D per token
-forward, times 3 for forward + backward, halved because a causal mask needs only half the score matrix). Each
-architecture computes its own (`Model.flops_per_token`: GPT-Neo's local layers attend to fewer keys).
+forward, times 3 for forward + backward, halved because a causal mask needs only half the score matrix, as
+MaxText counts it). PaLM (appendix B) and nanoGPT count the whole score matrix, 6 * N + 12 * L * D * T, so
+their MFU of the same run is higher; the run loop logs both (`mfu`, `mfu_palm`). Each architecture computes
+its own (`Model.flops_per_token`: GPT-Neo's local layers attend to fewer keys).
 """
 
 from __future__ import annotations
@@ -48,11 +50,17 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(config: Config) -> float:
-    """Model FLOPs (forward + backward) per trained token of the config's model; see the module docstring."""
+def flops_per_token(config: Config, *, full_attention: bool = False) -> float:
+    """Model FLOPs (forward + backward) per trained token of the config's model; see the module docstring.
+    `full_attention` counts every query-key pair, masked or not (6N + 12 * L * D * T for causal attention:
+    PaLM's and nanoGPT's figure, which MFU tables elsewhere mostly quote)."""
     from mesh_transformer.models import model_for
 
-    return model_for(config).flops_per_token(config.seq)
+    model = model_for(config)
+    flops = model.flops_per_token(config.seq)
+    if full_attention:  # the causal term counts half the keys: add the other half
+        flops += 12.0 * model.layers * model.d_model * model.attended_keys(config.seq)
+    return flops
 
 
 def measure_matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
@@ -90,7 +98,7 @@ class MetricsLog:
     to Weights & Biases when the config names a `wandb_project` and to TensorBoard event files in
     `{model_dir}/tensorboard` when the config sets `tensorboard`.
 
-    `write(record)` logs a step's figures (keys such as loss, lr, grad_norm, tokens_per_sec, mfu,
+    `write(record)` logs a step's figures (keys such as loss, lr, grad_norm, tokens_per_sec, mfu, mfu_palm,
     tokens_seen, val/{set}/loss, harness/{task}/{metric}; "step" is the x axis).
 
     `event(kind, **fields)` logs something that happened, for the checkpoint and cluster code to call

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 from tqdm import tqdm
@@ -148,8 +149,6 @@ def train(config: Config, options: RunOptions) -> dict:
     state = initial_state(trainer, loader, checkpoints, options.tune_model_path, config.seed)
     checkpoints.prepare(trainer.saved(state))  # host buffers for the saves, mapped while the first steps run
 
-    model_flops_per_token = flops_per_token(config)
-    peak = peak_flops(jax.devices(), config.compute_dtype)
     end_step = options.steps if options.steps is not None else config.total_steps
     start_step = int(state.step)
 
@@ -165,50 +164,25 @@ def train(config: Config, options: RunOptions) -> dict:
         unit="step",
         dynamic_ncols=True,
     )
+    steps = StepRecorder(config, options, end_step, trainer, evaluator, checkpoints, log, bar)
     metrics: dict = {}
     try:
+        # Step n is dispatched, then step n + 1's batch read and placed, then step n - 1's metrics read:
+        # the host never waits for the step it has just dispatched. A step after which the loop evaluates or
+        # saves (and the last) is recorded at once, since that work needs its state.
+        batch, position = next_batch(trainer, loader) if start_step < end_step else (None, None)
+        previous = None
         for step in range(start_step, end_step):
-            batch = trainer.global_batch(next(loader))
-            t0 = time.perf_counter()
-            state, step_metrics = trainer.step(state, batch)
-            step_metrics = jax.device_get(step_metrics)
-            seconds = time.perf_counter() - t0
-            tokens_per_sec = config.tokens_per_step / seconds
-            metrics = {
-                "step": step + 1,
-                "loss": float(step_metrics["loss"]),
-                "lr": float(step_metrics["lr"]),
-                "grad_norm": float(step_metrics["grad_norm"]),
-                "tokens_per_sec": tokens_per_sec,
-                "mfu": model_flops_per_token * tokens_per_sec / peak,
-                "tokens_seen": (step + 1) * config.tokens_per_step,
-                "step_seconds": seconds,
-                **{f"tokens_seen/{name}": n for name, n in loader.tokens_seen().items()},
-            }
-            if evaluator.due(step + 1, end_step):
-                with _phase(options, "evaluation"):
-                    metrics.update(evaluator.run(state.params))
-            log.write(metrics)  # before the save: the log is flushed when that checkpoint commits
-            if (step + 1) % config.ckpt_every == 0 or step + 1 == end_step:
-                # Returns once host copies are taken; the write overlaps the next steps.
-                extra = {"loader": loader.state_dict(), "seed": config.seed, "config": config.to_dict()}
-                extra.update(trainer.checkpoint_extra())
-                saved = trainer.saved(state)  # a LoRA run saves its adapters, not the base
-                with _phase(options, "checkpoint"):
-                    checkpoints.save(
-                        step + 1, saved, extra, before_commit=log.flush, on_commit=_log_commit(log, model_dir)
-                    )
-            bar.set_postfix(
-                loss=f"{metrics['loss']:.3f}",
-                lr=f"{metrics['lr']:.2e}",
-                gnorm=f"{metrics['grad_norm']:.2f}",
-                tok_s=f"{tokens_per_sec:,.0f}",
-                mfu=f"{metrics['mfu']:.1%}",
-                refresh=False,
-            )
-            bar.update(1)
-            if options.on_step is not None:
-                options.on_step(metrics)
+            started = time.perf_counter()
+            state, device_metrics = trainer.step(state, batch)
+            dispatched = Dispatched(step + 1, device_metrics, position)
+            if step + 1 < end_step:
+                batch, position = next_batch(trainer, loader)
+            if previous is not None:
+                metrics = steps.record(previous, ended=started)
+            previous = dispatched
+            if steps.needs_state(step + 1):
+                metrics, previous = steps.record(dispatched, state), None
         with _phase(options, "checkpoint"):
             checkpoints.wait()
     finally:
@@ -220,6 +194,102 @@ def train(config: Config, options: RunOptions) -> dict:
         params = trainer.servable(state.params)  # a LoRA run's adapters merged into the base
         print(sample_text(config, params, dataset_dir, options.sample_prompt, options.sample_tokens))
     return metrics
+
+
+class DataPosition(NamedTuple):
+    """Where the loader stood right after a step's batch: what that step's checkpoint and record hold."""
+
+    loader_state: dict
+    tokens_seen: dict[str, int]
+
+
+class Dispatched(NamedTuple):
+    """A train step handed to the devices whose figures are not read yet."""
+
+    step: int  # optimizer steps done once it completes
+    device_metrics: dict[str, jax.Array]
+    position: DataPosition
+
+
+def next_batch(trainer: Trainer, loader: data.Loader | data.MixtureLoader) -> tuple[Any, DataPosition]:
+    """The next step's batch placed on the mesh, and the loader's position after it."""
+    batch = trainer.global_batch(next(loader))
+    return batch, DataPosition(loader.state_dict(), loader.tokens_seen())
+
+
+class StepRecorder:
+    """What the loop does with a completed step: its record (figures, timing), evaluation and checkpoint
+    when due, the log, the progress bar and `on_step`.
+
+    `step_seconds` splits the loop's wall time between the steps, each moment counted once: a step's time
+    ends where the next one is dispatched (or, for a step recorded at once, where its figures arrive), so it
+    covers everything the loop does (reading and placing data, waiting for the devices, evaluation,
+    checkpoints, logging), and tokens/s and MFU show a data-bound run as one. Steps overlap, so a step's
+    figure is in fact the loop's period around it. MFU counts attention as 6 * L * D * T (the causal half;
+    see metrics.py), `mfu_palm` as PaLM's and nanoGPT's 12 * L * D * T."""
+
+    def __init__(self, config: Config, options: RunOptions, end_step: int, trainer: Trainer,
+                 evaluator: Evaluator, checkpoints: CheckpointManager, log: MetricsLog,
+                 bar: tqdm):  # fmt: skip
+        self.config, self.options, self.end_step, self.trainer = config, options, end_step, trainer
+        self.evaluator, self.checkpoints, self.log, self.bar = evaluator, checkpoints, log, bar
+        peak = peak_flops(jax.devices(), config.compute_dtype)
+        self.mfu_per_token_per_sec = flops_per_token(config) / peak
+        self.mfu_palm_per_token_per_sec = flops_per_token(config, full_attention=True) / peak
+        self.accounted_until = time.perf_counter()  # the loop's time up to here is in some step's figure
+
+    def needs_state(self, step: int) -> bool:
+        """Whether the loop evaluates or saves after `step` optimizer steps (the last one included)."""
+        saves = step % self.config.ckpt_every == 0 or step == self.end_step
+        return saves or self.evaluator.due(step, self.end_step)
+
+    def record(self, done: Dispatched, state: TrainState | None = None, ended: float | None = None) -> dict:
+        """Wait for `done`'s figures and record them, its time ending at `ended` (default: when they arrive);
+        with `needs_state(done.step)`, `state` is the state after it, which the evaluation reads and the
+        checkpoint saves."""
+        figures = jax.device_get(done.device_metrics)
+        ended = time.perf_counter() if ended is None else ended
+        seconds, self.accounted_until = ended - self.accounted_until, ended
+        config, step = self.config, done.step
+        tokens_per_sec = config.tokens_per_step / seconds
+        metrics = {
+            "step": step,
+            "loss": float(figures["loss"]),
+            "lr": float(figures["lr"]),
+            "grad_norm": float(figures["grad_norm"]),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": self.mfu_per_token_per_sec * tokens_per_sec,
+            "mfu_palm": self.mfu_palm_per_token_per_sec * tokens_per_sec,
+            "tokens_seen": step * config.tokens_per_step,
+            "step_seconds": seconds,
+            **{f"tokens_seen/{name}": n for name, n in done.position.tokens_seen.items()},
+        }
+        assert state is not None or not self.needs_state(step), step
+        if self.evaluator.due(step, self.end_step):
+            with _phase(self.options, "evaluation"):
+                metrics.update(self.evaluator.run(state.params))
+        self.log.write(metrics)  # before the save: the log is flushed when that checkpoint commits
+        if step % config.ckpt_every == 0 or step == self.end_step:
+            # Returns once host copies are taken; the write overlaps the next steps.
+            extra = {"loader": done.position.loader_state, "seed": config.seed, "config": config.to_dict()}
+            extra.update(self.trainer.checkpoint_extra())  # a LoRA run saves its adapters and base identity
+            with _phase(self.options, "checkpoint"):
+                self.checkpoints.save(
+                    step, self.trainer.saved(state), extra, before_commit=self.log.flush,
+                    on_commit=_log_commit(self.log, self.options.model_dir),
+                )  # fmt: skip
+        self.bar.set_postfix(
+            loss=f"{metrics['loss']:.3f}",
+            lr=f"{metrics['lr']:.2e}",
+            gnorm=f"{metrics['grad_norm']:.2f}",
+            tok_s=f"{tokens_per_sec:,.0f}",
+            mfu=f"{metrics['mfu']:.1%}",
+            refresh=False,
+        )
+        self.bar.update(1)
+        if self.options.on_step is not None:
+            self.options.on_step(metrics)
+        return metrics
 
 
 @contextlib.contextmanager

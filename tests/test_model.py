@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers import GPTJConfig, GPTJForCausalLM
 
 from mesh_transformer.hf import params_from_hf
-from mesh_transformer.models import build, gptj, param_count
+from mesh_transformer.models import build, gptj, layers, param_count
 from mesh_transformer.models.gptj import GPTJ
 
 
@@ -89,6 +90,46 @@ def test_bfloat16_compute_stays_close_to_float32():
     out16 = model16.apply(params, None, tokens_BT)
     assert out16.dtype == jnp.float32  # float32 accumulation and softmax whatever the compute dtype
     assert 0 < float(jnp.abs(out32 - out16).max()) < 5e-2
+
+
+def dot_generals(jaxpr):
+    """Every dot_general of a jaxpr, those of its sub-jaxprs (scan, remat, custom_vjp) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from dot_generals(sub)
+
+
+def test_bfloat16_gradients_are_bfloat16_matmuls_with_float32_accumulation():
+    """A bf16 model's gradient matmuls take bf16 operands (JAX's own transpose promoted them to float32) and
+    equal, to float32 rounding, the exact products of the bf16-rounded operands; the float32 gradient of the
+    whole model stays close to the bf16 one."""
+    shape32 = GPTJ(layers=2, d_model=64, n_heads=4, n_vocab=96, d_ff=256, rotary_dims=8)
+    model32, model16 = build(shape32), build(dataclasses.replace(shape32, compute_dtype="bfloat16"))
+    tokens_BT = jnp.asarray(np.random.default_rng(4).integers(0, 96, (2, 16)))
+    params = model32.init(jax.random.PRNGKey(0), tokens_BT)
+    grad_fn = jax.jit(jax.grad(lambda p: model16.apply(p, None, tokens_BT).astype(jnp.float32).std()))
+    dots = list(dot_generals(jax.make_jaxpr(grad_fn)(params).jaxpr))
+    # attention's two products (batched over b, h) keep JAX's gradient; the others are the projections: q, k,
+    # v, out, fc_in, fc_out in the layer scan's forward body, their dx and dw in its backward body; lm_head's
+    unbatched = [e for e in dots if not e.params["dimension_numbers"][1][0]]
+    assert len(unbatched) == 3 * 6 + 3
+    assert all(v.aval.dtype == jnp.bfloat16 for e in unbatched for v in e.invars)
+
+    rounded = lambda a: np.asarray(a.astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    x, w, g = (
+        jax.random.normal(jax.random.PRNGKey(i), s)
+        for i, s in enumerate([(2, 16, 32), (32, 24), (2, 16, 24)])
+    )
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.matmul(x, w, jnp.bfloat16) * g), (0, 1)))(x, w)
+    np.testing.assert_allclose(dx, np.einsum("bto,io->bti", rounded(g), rounded(w)), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dw, np.einsum("bti,bto->io", rounded(x), rounded(g)), rtol=0, atol=1e-5)
+
+    grads16 = jax.tree_util.tree_leaves(grad_fn(params))
+    grads32 = jax.tree_util.tree_leaves(jax.grad(lambda p: model32.apply(p, None, tokens_BT).std())(params))
+    for a, b in zip(grads16, grads32, strict=True):
+        assert a.dtype == jnp.float32 and float(jnp.abs(a - b).max()) < 5e-2 * float(jnp.abs(b).max()) + 1e-6
 
 
 def test_remat_keeps_gradient_values():

@@ -1,11 +1,12 @@
 """What the Ray driver times as a step: the run loop reports its evaluation and checkpoint phases, and the
 driver's step timeout counts train steps only; the `checkpoint` event is logged once the checkpoint is
-committed."""
+committed. The loop never waits for the step it has just dispatched, and its step time covers the loader."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +63,30 @@ def test_the_loop_reports_its_phases_and_logs_checkpoints_once_committed(tmp_pat
         logged(self, kind, **fields)
 
     monkeypatch.setattr(MetricsLog, "event", event)
+    order: list = []  # what the loop does, in order: read a batch, dispatch a step, read a step's figures
+    loader_seconds = 0.3
+    read_batch, trainer_class, record = run.next_batch, run.Trainer, run.StepRecorder.record
+
+    def next_batch(trainer, loader):
+        time.sleep(loader_seconds)  # a slow loader: the step time must show it
+        order.append("batch")
+        return read_batch(trainer, loader)
+
+    class Trainer(trainer_class):
+        def __init__(self, *args):
+            super().__init__(*args)
+            step = self.step
+            self.step = lambda state, batch: (
+                order.append(f"dispatch {int(state.step) + 1}"),
+                step(state, batch),
+            )[1]
+
+    monkeypatch.setattr(run, "next_batch", next_batch)
+    monkeypatch.setattr(run, "Trainer", Trainer)
+    reading = lambda self, done, *a, **kw: (order.append(f"read {done.step}"), record(self, done, *a, **kw))[
+        1
+    ]  # noqa: E731
+    monkeypatch.setattr(run.StepRecorder, "record", reading)
     options = run.RunOptions(
         str(tmp_path), data=[dataset], progress=False,
         on_step=lambda metrics: seen.append(("step", metrics["step"])),
@@ -84,3 +109,11 @@ def test_the_loop_reports_its_phases_and_logs_checkpoints_once_committed(tmp_pat
     ]
     _, events = read_metrics(str(tmp_path))
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4]
+    # step n + 1's batch is read, and step n + 1 dispatched, before step n's figures are read, except after
+    # the steps the loop evaluates and saves at (2 and 4), which need their state at once
+    assert order == ["batch", "dispatch 1", "batch", "dispatch 2", "batch", "read 1", "read 2",
+                     "dispatch 3", "batch", "dispatch 4", "read 3", "read 4"]  # fmt: skip
+    records, _ = read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["step_seconds"] >= loader_seconds for r in records[:3])  # each of these waited on the loader
+    assert all(r["mfu_palm"] > r["mfu"] > 0 for r in records)

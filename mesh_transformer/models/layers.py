@@ -12,6 +12,7 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -41,12 +42,54 @@ class Dense(hk.Module):
         w = hk.get_parameter(
             "w", (x.shape[-1], self.d_out), jnp.float32, init=hk.initializers.TruncatedNormal(self.stddev)
         )
-        y = jnp.einsum(
-            "...i,io->...o", x.astype(self.dtype), w.astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        y = matmul(x, w, self.dtype)
         if self.bias:
             y = y + hk.get_parameter("b", (self.d_out,), jnp.float32, init=jnp.zeros)
         return y
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str | jnp.dtype) -> jax.Array:
+    """jnp.einsum of two operands cast to `dtype`, products accumulated in and returned as float32: the
+    projections (`Dense`) and the tied LM head (`unembed`) of every architecture.
+
+    Below float32 the gradient is computed as the forward is: the incoming gradient cast to `dtype` and both
+    gradient matmuls fed `dtype` operands (as torch's autocast does). JAX's own transpose of a bf16 x bf16 ->
+    f32 dot promotes the bf16 operand to the f32 gradient's type, so the backward's matmuls ran in float32
+    and every saved bf16 activation was converted back to float32 first (8% of a bf16 step in
+    benchmarks/profile_train_step.py). float32 keeps JAX's own gradient, bit for bit as before. `spec` is
+    "a,b->out" where each operand's indices appear in the other or the output (no index summed alone)."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return _low_precision_einsum(a, b, spec, dtype, a.dtype, b.dtype)
+
+
+def matmul(x: jax.Array, w_IO: jax.Array, dtype: str | jnp.dtype) -> jax.Array:
+    """x (..., I) @ w (I, O), as `einsum` computes it."""
+    return einsum("...i,io->...o", x, w_IO, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _low_precision_einsum(a, b, spec, dtype, a_dtype, b_dtype):
+    return _low_precision_forward(a, b, spec, dtype, a_dtype, b_dtype)[0]
+
+
+def _low_precision_forward(a, b, spec, dtype, a_dtype, b_dtype):
+    a, b = a.astype(dtype), b.astype(dtype)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), (a, b)
+
+
+def _low_precision_backward(spec, dtype, a_dtype, b_dtype, saved, g):
+    a, b = saved
+    operands, out = spec.split("->")
+    a_spec, b_spec = operands.split(",")
+    g = g.astype(dtype)
+    da = jnp.einsum(f"{out},{b_spec}->{a_spec}", g, b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{a_spec},{out}->{b_spec}", a, g, preferred_element_type=jnp.float32)
+    return da.astype(a_dtype), db.astype(b_dtype)
+
+
+_low_precision_einsum.defvjp(_low_precision_forward, _low_precision_backward)
 
 
 class Fused(NamedTuple):
@@ -92,10 +135,7 @@ def fuse(params: dict, root: str, layers: int, group: Fused) -> dict:
 
 def unembed(x_BTD: jax.Array, table_VD: jax.Array, dtype: str) -> jax.Array:
     """Logits of a tied LM head: x @ table^T, float32 accumulation."""
-    cd = jnp.dtype(dtype)
-    return jnp.einsum(
-        "btd,vd->btv", x_BTD.astype(cd), table_VD.astype(cd), preferred_element_type=jnp.float32
-    )
+    return einsum("btd,vd->btv", x_BTD, table_VD, dtype)
 
 
 def table(name: str, rows: int, d_model: int, stddev: float) -> jax.Array:
@@ -283,6 +323,8 @@ def attention(
         v_BHSK = _write_rows(cache.v_BHSK, v_BTHK.transpose(0, 2, 1, 3), cache.length_B, axis=2)
         cache = cache._replace(k_BHKS=k_BHKS, v_BHSK=v_BHSK)
         keys, values, k_spec, v_spec = k_BHKS, v_BHSK, "bhks", "bhsk"
+    # JAX's own gradients here (`einsum`'s bf16 ones hit a gradient layout XLA CPU has no bf16 x bf16 -> f32
+    # kernel for: dk of "bthk,bshk->bhts")
     scores_BHTS = jnp.einsum(
         f"bthk,{k_spec}->bhts", q_BTHK.astype(cd), keys.astype(cd), preferred_element_type=jnp.float32
     )
