@@ -65,24 +65,24 @@ def test_the_loop_reports_its_phases_and_logs_checkpoints_once_committed(tmp_pat
     monkeypatch.setattr(MetricsLog, "event", event)
     order: list = []  # what the loop does, in order: read a batch, dispatch a step, read a step's figures
     loader_seconds = 0.3
-    read_batch, trainer_class, record = run.next_batch, run.Trainer, run.StepRecorder.record
+    read_batch, make_trainer, record = run.next_batch, run.make_trainer, run.StepRecorder.record
 
     def next_batch(trainer, loader):
         time.sleep(loader_seconds)  # a slow loader: the step time must show it
         order.append("batch")
         return read_batch(trainer, loader)
 
-    class Trainer(trainer_class):
-        def __init__(self, *args):
-            super().__init__(*args)
-            step = self.step
-            self.step = lambda state, batch: (
-                order.append(f"dispatch {int(state.step) + 1}"),
-                step(state, batch),
-            )[1]
+    def traced_trainer(*args):
+        trainer = make_trainer(*args)
+        step = trainer.step
+        trainer.step = lambda state, batch: (
+            order.append(f"dispatch {int(state.step) + 1}"),
+            step(state, batch),
+        )[1]
+        return trainer
 
     monkeypatch.setattr(run, "next_batch", next_batch)
-    monkeypatch.setattr(run, "Trainer", Trainer)
+    monkeypatch.setattr(run, "make_trainer", traced_trainer)
     reading = lambda self, done, *a, **kw: (order.append(f"read {done.step}"), record(self, done, *a, **kw))[
         1
     ]  # noqa: E731
