@@ -400,5 +400,5 @@ def test_eval_harness_script_scores_a_checkpoint_and_reports_bad_input_in_one_li
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp / 'nowhere'} (expected a checkpoint directory, a model_dir "
-        "or a Hugging Face GPT-J folder)"
+        "or a Hugging Face folder of the family)"
     ]
