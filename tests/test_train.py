@@ -289,9 +289,8 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_same_seed_same_result():
-    results = []
+    results, trainer = [], trainer_for(2, 4)  # one compile: it is the init and the step that must repeat
     for _ in range(2):
-        trainer = trainer_for(2, 4)
         state = trainer.init_state(3)
         state, metrics = trainer.step(state, trainer.global_batch(tokens((1, 8, 17))))
         results.append((float(metrics["loss"]), jax.device_get(state.params)))
