@@ -283,18 +283,8 @@ class Transformer(hk.Module):
         embed_VD = constrain(L.table("embed_in", m.n_vocab, m.d_model, small), ("vocab", "embed"))
         x_BTD = constrain(jnp.take(embed_VD, tokens_BT, axis=0), ("batch", "seq", "embed"))
         rotary = L.Rotary(m.rotary_dims, m.rotary_emb_base, ROTARY_INTERLEAVED)
-        T = tokens_BT.shape[1]
-
-        if cache is None:
-            where = L.sequence_positions(T, segment_ids_BT)
-            sin_TR, cos_TR = rotary.tables(where.positions)
-            layer = lambda x: Block(m, name="block")(x, sin_TR, cos_TR, where.mask)  # noqa: E731
-            x_BTD = L.stacked_layers(layer, x_BTD, m.layers, m.remat)
-        else:
-            where = L.cache_positions(cache, T)
-            sin_BTR, cos_BTR = rotary.tables(where.positions)
-            layer = lambda i, x, c: Block(m, name=f"layer_{i}")(x, sin_BTR, cos_BTR, where.mask, c)  # noqa: E731
-            x_BTD, cache = L.decoding_layers(layer, x_BTD, cache)
+        block = lambda name: Block(m, name=name)  # noqa: E731
+        x_BTD, cache = L.rotary_layers(block, rotary, x_BTD, m.layers, m.remat, cache, segment_ids_BT)
 
         x_BTD = L.layer_norm("final_layer_norm", m.layer_norm_eps)(x_BTD)
         if m.tie_word_embeddings:

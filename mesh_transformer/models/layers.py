@@ -375,6 +375,25 @@ def decoding_layers(
     return x_BTD, KVCache(tuple(k_BHKS), tuple(v_BHSK), cache.length_B + x_BTD.shape[1])
 
 
+def rotary_layers(
+    block: Callable[[str], Callable], rotary: Rotary, x_BTD: jax.Array, layers: int, remat: str,
+    cache: KVCache | None, segment_ids_BT: jax.Array | None,
+) -> tuple[jax.Array, KVCache | None]:  # fmt: skip
+    """x through the layers of a rotary model (GPT-J, GPT-NeoX): `block(name)` makes one layer, called as
+    layer(x, sin, cos, mask[, layer_cache]); stacked for training (`stacked_layers`), unrolled over the
+    cache for decoding (`decoding_layers`, which also returns the cache)."""
+    T = x_BTD.shape[1]
+    if cache is None:
+        where = sequence_positions(T, segment_ids_BT)
+        sin_TR, cos_TR = rotary.tables(where.positions)
+        layer = lambda x: block("block")(x, sin_TR, cos_TR, where.mask)  # noqa: E731
+        return stacked_layers(layer, x_BTD, layers, remat), None
+    where = cache_positions(cache, T)
+    sin_BTR, cos_BTR = rotary.tables(where.positions)
+    layer = lambda i, x, c: block(f"layer_{i}")(x, sin_BTR, cos_BTR, where.mask, c)  # noqa: E731
+    return decoding_layers(layer, x_BTD, cache)
+
+
 def unstack_layers(params: dict, root: str, layers: int) -> dict:
     """Every stacked per-layer array ("{root}/layers/block/fc_in") split into one array per layer
     ("{root}/layer_0/fc_in", ...); everything else as it is."""
