@@ -72,6 +72,12 @@ class Model(abc.ABC):
     def from_config(cls, config: Any) -> Model:
         """The model a validated `Config` describes."""
 
+    @staticmethod
+    def shared_fields(config: Any) -> dict[str, Any]:
+        """The fields every architecture takes from a `Config` as they are (for `from_config`)."""
+        names = ("layers", "d_model", "n_heads", "n_vocab", "d_ff", "compute_dtype", "remat")
+        return {name: getattr(config, name) for name in names}
+
     @classmethod
     @abc.abstractmethod
     def check_config(cls, config: Any) -> None:

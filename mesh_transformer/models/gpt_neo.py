@@ -87,13 +87,7 @@ class GPTNeo(Model):
     @classmethod
     def from_config(cls, c: Any) -> GPTNeo:
         return cls(
-            layers=c.layers,
-            d_model=c.d_model,
-            n_heads=c.n_heads,
-            n_vocab=c.n_vocab,
-            d_ff=c.d_ff,
-            compute_dtype=c.compute_dtype,
-            remat=c.remat,
+            **Model.shared_fields(c),
             n_positions=c.n_positions,
             attention_layers=tuple(c.attention_layers),
             window_size=c.window_size,

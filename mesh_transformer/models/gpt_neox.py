@@ -84,13 +84,7 @@ class GPTNeoX(Model):
     @classmethod
     def from_config(cls, c: Any) -> GPTNeoX:
         return cls(
-            layers=c.layers,
-            d_model=c.d_model,
-            n_heads=c.n_heads,
-            n_vocab=c.n_vocab,
-            d_ff=c.d_ff,
-            compute_dtype=c.compute_dtype,
-            remat=c.remat,
+            **Model.shared_fields(c),
             rotary_pct=c.rotary_pct,
             rotary_emb_base=c.rotary_emb_base,
             use_parallel_residual=c.use_parallel_residual,

@@ -72,13 +72,7 @@ class GPTJ(Model):
     @classmethod
     def from_config(cls, c: Any) -> GPTJ:
         return cls(
-            layers=c.layers,
-            d_model=c.d_model,
-            n_heads=c.n_heads,
-            n_vocab=c.n_vocab,
-            d_ff=c.d_ff,
-            compute_dtype=c.compute_dtype,
-            remat=c.remat,
+            **Model.shared_fields(c),
             rotary_dims=c.pe_rotary_dims,
             activation=c.activation,
             layer_norm_eps=c.layer_norm_eps,
