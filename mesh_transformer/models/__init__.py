@@ -60,6 +60,8 @@ class Model(abc.ABC):
     # and the targets of a config that names none.
     lora_targets: ClassVar[dict[str, str]]
     lora_default_targets: ClassVar[tuple[str, ...]]
+    # Fields whose config key has another name: field -> key (see `from_config`).
+    config_keys: ClassVar[dict[str, str]] = {}
 
     @property
     def head_dim(self) -> int:
@@ -68,15 +70,15 @@ class Model(abc.ABC):
     # ----- config -----
 
     @classmethod
-    @abc.abstractmethod
     def from_config(cls, config: Any) -> Model:
-        """The model a validated `Config` describes."""
+        """The model a validated `Config` describes: each field is the config key of its name, or of the name
+        `config_keys` gives it; lists become tuples, so that the model stays hashable."""
 
-    @staticmethod
-    def shared_fields(config: Any) -> dict[str, Any]:
-        """The fields every architecture takes from a `Config` as they are (for `from_config`)."""
-        names = ("layers", "d_model", "n_heads", "n_vocab", "d_ff", "compute_dtype", "remat")
-        return {name: getattr(config, name) for name in names}
+        def value(field: str) -> Any:
+            v = getattr(config, cls.config_keys.get(field, field))
+            return tuple(v) if isinstance(v, list) else v
+
+        return cls(**{f.name: value(f.name) for f in dataclasses.fields(cls)})
 
     @classmethod
     @abc.abstractmethod

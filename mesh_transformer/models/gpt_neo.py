@@ -85,18 +85,6 @@ class GPTNeo(Model):
     lora_default_targets: ClassVar[tuple[str, ...]] = ("q", "v")
 
     @classmethod
-    def from_config(cls, c: Any) -> GPTNeo:
-        return cls(
-            **Model.shared_fields(c),
-            n_positions=c.n_positions,
-            attention_layers=tuple(c.attention_layers),
-            window_size=c.window_size,
-            activation=c.activation,
-            layer_norm_eps=c.layer_norm_eps,
-            tie_word_embeddings=c.tie_word_embeddings,
-        )
-
-    @classmethod
     def check_config(cls, c: Any) -> None:
         from mesh_transformer.config import ConfigError
 

@@ -82,19 +82,6 @@ class GPTNeoX(Model):
         return int(self.head_dim * self.rotary_pct)  # as Hugging Face computes it
 
     @classmethod
-    def from_config(cls, c: Any) -> GPTNeoX:
-        return cls(
-            **Model.shared_fields(c),
-            rotary_pct=c.rotary_pct,
-            rotary_emb_base=c.rotary_emb_base,
-            use_parallel_residual=c.use_parallel_residual,
-            activation=c.activation,
-            layer_norm_eps=c.layer_norm_eps,
-            tie_word_embeddings=c.tie_word_embeddings,
-            attention_bias=c.attention_bias,
-        )
-
-    @classmethod
     def check_config(cls, c: Any) -> None:
         from mesh_transformer.config import ConfigError
 

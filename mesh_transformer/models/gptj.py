@@ -68,15 +68,7 @@ class GPTJ(Model):
         "fc_out": "fc_out",
     }
     lora_default_targets: ClassVar[tuple[str, ...]] = ("q", "v")
-
-    @classmethod
-    def from_config(cls, c: Any) -> GPTJ:
-        return cls(
-            **Model.shared_fields(c),
-            rotary_dims=c.pe_rotary_dims,
-            activation=c.activation,
-            layer_norm_eps=c.layer_norm_eps,
-        )
+    config_keys: ClassVar[dict[str, str]] = {"rotary_dims": "pe_rotary_dims"}
 
     @classmethod
     def check_config(cls, c: Any) -> None:
