@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peers import hf_gptj, torch_step  # noqa: E402
 
 from mesh_transformer.config import from_dict  # noqa: E402
 from mesh_transformer.sharding import make_mesh  # noqa: E402
@@ -34,27 +35,6 @@ BATCH = 8
 RANK, ALPHA = 16, 32.0
 TARGETS = ["q", "k", "v", "out", "fc_in", "fc_out"]
 SIDES = ("ours LoRA", "ours full fine-tune", "peft + transformers LoRA")
-
-
-def hf_model():
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTJConfig(
-        vocab_size=SHAPE["n_vocab"],
-        n_positions=SHAPE["seq"],
-        n_embd=SHAPE["d_model"],
-        n_layer=SHAPE["layers"],
-        n_head=SHAPE["n_heads"],
-        rotary_dim=SHAPE["pe_rotary_dims"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPTJForCausalLM(cfg)
 
 
 def ours(lora_on: bool, base_dir: str):
@@ -96,18 +76,7 @@ def peft_side(base_dir: str):
         target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
         task_type="CAUSAL_LM",
     )
-    model = peft.get_peft_model(model, peft_config).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens = torch.randint(0, SHAPE["n_vocab"], (BATCH, SHAPE["seq"] + 1))
-
-    def step():
-        loss = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return torch_step(peft.get_peft_model(model, peft_config), BATCH, SHAPE["seq"], weight_decay=0.01)
 
 
 def make_side(name: str, base_dir: str):
@@ -127,7 +96,8 @@ def peak_memory(name: str, base_dir: str) -> int:
         "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = os.pathsep.join([root, os.path.join(root, "benchmarks"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)  # the project, and the benchmarks it imports (peers)
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, check=True
     )
@@ -143,7 +113,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if not os.path.exists(os.path.join(args.base_dir, "config.json")):
-        hf_model().save_pretrained(args.base_dir)
+        hf_gptj(SHAPE).save_pretrained(args.base_dir)
 
     print(f"machine: {os.cpu_count()} CPUs, jax {jax.__version__}, torch {torch.__version__}")
     print(f"model: GPT-J {SHAPE}, batch {BATCH}; LoRA rank {RANK}, alpha {ALPHA}, targets {TARGETS}")

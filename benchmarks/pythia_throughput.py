@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peers import torch_step  # noqa: E402
 from sample_throughput import NEW, SEQ, agreement, call_times, ours, theirs  # noqa: E402
 
 from mesh_transformer import sharding  # noqa: E402
@@ -86,22 +87,6 @@ def hf_model(params):
     return hf
 
 
-def torch_step(model, autocast_bf16: bool):
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    tokens = torch.randint(0, SHAPE["n_vocab"], (BATCH, SEQ + 1))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-            loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def training(reps: int) -> None:
     peak = {"float32": measure_matmul_flops("float32"), "bfloat16": measure_matmul_flops("bfloat16")}
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
@@ -109,8 +94,8 @@ def training(reps: int) -> None:
     sides = {
         "mesh_transformer float32": (our_step("float32"), "float32"),
         "mesh_transformer bfloat16": (our_step("bfloat16"), "bfloat16"),
-        "transformers float32": (torch_step(hf_model(params), False), "float32"),
-        "transformers bf16 autocast": (torch_step(hf_model(params), True), "bfloat16"),
+        "transformers float32": (torch_step(hf_model(params), BATCH, SEQ), "float32"),
+        "transformers bf16 autocast": (torch_step(hf_model(params), BATCH, SEQ, True), "bfloat16"),
     }
     times = dict(zip(sides, call_times([fn for fn, _ in sides.values()], reps), strict=True))
     fpt, tokens = flops_per_token(config()), BATCH * SEQ

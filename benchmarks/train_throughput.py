@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from peers import hf_gptj, torch_step  # noqa: E402
 
 from mesh_transformer import sharding  # noqa: E402
 from mesh_transformer.config import from_dict  # noqa: E402
@@ -84,40 +85,6 @@ def ours(shape: dict, compute_dtype: str):
     return step, n_params
 
 
-def torch_gptj(shape: dict, autocast_bf16: bool):
-    """One train step of `transformers` GPT-J of the same shape, AdamW, gradient clipping."""
-    from transformers import GPTJConfig, GPTJForCausalLM
-
-    torch.manual_seed(0)
-    cfg = GPTJConfig(
-        vocab_size=shape["n_vocab"],
-        n_positions=shape["seq"],
-        n_embd=shape["d_model"],
-        n_layer=shape["layers"],
-        n_head=shape["n_heads"],
-        rotary_dim=shape["pe_rotary_dims"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = GPTJForCausalLM(cfg).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    tokens = torch.randint(0, shape["n_vocab"], (shape["batch"], shape["seq"] + 1))
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
-            loss = model(tokens[:, :-1], labels=tokens[:, :-1]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure(
     shape_name: str, runs_wanted: list[str], rounds: int, steps: int, warmup: int
 ) -> dict[str, float]:
@@ -128,8 +95,8 @@ def measure(
     builders = {
         "mesh_transformer float32": lambda: ours(shape, "float32")[0],
         "mesh_transformer bfloat16": lambda: ours(shape, "bfloat16")[0],
-        "transformers float32": lambda: torch_gptj(shape, False),
-        "transformers bf16 autocast": lambda: torch_gptj(shape, True),
+        "transformers float32": lambda: torch_step(hf_gptj(shape), shape["batch"], shape["seq"]),
+        "transformers bf16 autocast": lambda: torch_step(hf_gptj(shape), shape["batch"], shape["seq"], True),
     }
     runs = {name: builders[name]() for name in runs_wanted}
     for step in runs.values():  # compile, allocator warm-up
