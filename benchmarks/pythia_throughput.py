@@ -10,6 +10,7 @@ that a busy machine slows all alike; each figure is the median of the rounds, wi
 rounds' tokens/s in brackets.
 
     python benchmarks/pythia_throughput.py [--reps 5] [--threads N]
+    taskset -c 1 python benchmarks/pythia_throughput.py --threads 1   # one core a side, on a shared machine
 """
 
 import argparse
