@@ -668,12 +668,18 @@ def load_hf_params(folder: str, config: Config, target: Any = None) -> dict:
 
 def load_pretrained_params(path: str, config: Config, target: Any = None) -> dict:
     """Params to start from, whatever `path` holds: a Hugging Face folder (config.json + weights), an
-    original Mesh-Transformer-JAX checkpoint (meta.json + step_*/shard_*, or a step_N/ dir), or one of ours.
+    original Mesh-Transformer-JAX checkpoint (meta.json + step_*/shard_*, or a step_N/ dir), one of ours, or
+    a LoRA fine-tune (one of our LoRA checkpoints or a PEFT folder: its base with the adapters merged).
 
     Without `target` the result is float32 host numpy; with it, leaves are cast and placed like `target`.
     """
-    from mesh_transformer import original
+    from mesh_transformer import lora, original
 
+    if lora.is_peft_folder(path) or lora.lora_info(path) is not None:
+        import jax
+
+        merged = lora.load_merged(path, config)
+        return merged if target is None else jax.tree_util.tree_map(_place, merged, target)
     if is_hf_folder(path):
         return load_hf_params(path, config, target)
     if original.is_original_checkpoint(path):
