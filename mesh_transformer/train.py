@@ -20,6 +20,7 @@ from mesh_transformer import sharding
 from mesh_transformer.config import Config
 from mesh_transformer.data import Batch
 from mesh_transformer.models import build, model_for
+from mesh_transformer.models import layers as L
 from mesh_transformer.optimizer import make_optimizer, schedule_for
 
 
@@ -169,7 +170,8 @@ class Trainer:
         if batch.loss_mask is not None:
             n_targets = jnp.maximum(jnp.sum(batch.loss_mask[..., 1:] > 0).astype(jnp.float32), 1.0)
         trained, frozen = self.split(state.params)
-        with sharding.activation_sharding(self.mesh):
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        with sharding.activation_sharding(self.mesh), L.weight_gradients_transposed_first(on_cpu):
             grad_fn = jax.value_and_grad(
                 lambda t, micro_BT1: self._loss(self.join(t, frozen), micro_BT1, n_targets), has_aux=True
             )

@@ -12,9 +12,11 @@ V vocab, L layers.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -48,6 +50,25 @@ class Dense(hk.Module):
         return y
 
 
+MATMUL = "...i,io->...o"  # a projection's einsum: x (..., I) @ w (I, O)
+# Set while a train step on CPU devices is traced (see `weight_gradients_transposed_first`).
+_TRANSPOSE_FIRST = contextvars.ContextVar("weight_gradients_transposed_first", default=False)
+
+
+@contextlib.contextmanager
+def weight_gradients_transposed_first(enabled: bool = True) -> Iterator[None]:
+    """Around the tracing of a train step: each projection's weight gradient x^T @ g takes x's transpose as
+    an op of its own. XLA CPU sends a dot whose left operand contracts its leading dims (x^T @ g as JAX's
+    gradient writes it) to its generic dot emitter, at about half the speed of YNNPACK, which takes the same
+    product once the transpose is made first (benchmarks/profile_train_step.py, GPT-J 117M: the step's
+    backward matmuls 14.1 s -> 10.7 s). TPU folds a transpose into its dots, so only CPU programs ask."""
+    token = _TRANSPOSE_FIRST.set(enabled)
+    try:
+        yield
+    finally:
+        _TRANSPOSE_FIRST.reset(token)
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str | jnp.dtype) -> jax.Array:
     """jnp.einsum of two operands cast to `dtype`, products accumulated in and returned as float32: the
     projections (`Dense`) and the tied LM head (`unembed`) of every architecture.
@@ -56,40 +77,46 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype: str | jnp.dtype) -> jax
     gradient matmuls fed `dtype` operands (as torch's autocast does). JAX's own transpose of a bf16 x bf16 ->
     f32 dot promotes the bf16 operand to the f32 gradient's type, so the backward's matmuls ran in float32
     and every saved bf16 activation was converted back to float32 first (8% of a bf16 step in
-    benchmarks/profile_train_step.py). float32 keeps JAX's own gradient, bit for bit as before. `spec` is
+    benchmarks/profile_train_step.py). float32 keeps JAX's own gradient, bit for bit as before, unless the
+    weight gradient is to be transposed first (see `weight_gradients_transposed_first`). `spec` is
     "a,b->out" where each operand's indices appear in the other or the output (no index summed alone)."""
     dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
+    transpose_first = spec == MATMUL and _TRANSPOSE_FIRST.get()
+    if dtype == jnp.float32 and not transpose_first:
         return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-    return _low_precision_einsum(a, b, spec, dtype, a.dtype, b.dtype)
+    return _custom_einsum(a, b, spec, dtype, a.dtype, b.dtype, transpose_first)
 
 
 def matmul(x: jax.Array, w_IO: jax.Array, dtype: str | jnp.dtype) -> jax.Array:
     """x (..., I) @ w (I, O), as `einsum` computes it."""
-    return einsum("...i,io->...o", x, w_IO, dtype)
+    return einsum(MATMUL, x, w_IO, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _low_precision_einsum(a, b, spec, dtype, a_dtype, b_dtype):
-    return _low_precision_forward(a, b, spec, dtype, a_dtype, b_dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _custom_einsum(a, b, spec, dtype, a_dtype, b_dtype, transpose_first):
+    return _custom_forward(a, b, spec, dtype, a_dtype, b_dtype, transpose_first)[0]
 
 
-def _low_precision_forward(a, b, spec, dtype, a_dtype, b_dtype):
+def _custom_forward(a, b, spec, dtype, a_dtype, b_dtype, transpose_first):
     a, b = a.astype(dtype), b.astype(dtype)
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32), (a, b)
 
 
-def _low_precision_backward(spec, dtype, a_dtype, b_dtype, saved, g):
+def _custom_backward(spec, dtype, a_dtype, b_dtype, transpose_first, saved, g):
     a, b = saved
     operands, out = spec.split("->")
     a_spec, b_spec = operands.split(",")
     g = g.astype(dtype)
     da = jnp.einsum(f"{out},{b_spec}->{a_spec}", g, b, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{a_spec},{out}->{b_spec}", a, g, preferred_element_type=jnp.float32)
+    if transpose_first:  # MATMUL: (x^T) (I, N) @ g (N, O), N every leading index of x
+        x_IN = jax.lax.optimization_barrier(a.reshape(-1, a.shape[-1]).T)
+        db = jnp.matmul(x_IN, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    else:
+        db = jnp.einsum(f"{a_spec},{out}->{b_spec}", a, g, preferred_element_type=jnp.float32)
     return da.astype(a_dtype), db.astype(b_dtype)
 
 
-_low_precision_einsum.defvjp(_low_precision_forward, _low_precision_backward)
+_custom_einsum.defvjp(_custom_forward, _custom_backward)
 
 
 class Fused(NamedTuple):
