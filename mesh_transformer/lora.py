@@ -117,9 +117,9 @@ def _stored_layout(next_getter, value, context):
     """A custom getter for the frozen weights of the layer stack: each layer's slice in the stored (row-major)
     layout, so that a relayout the compiler wants for a matmul is done one layer at a time inside the layer
     loop. Left free, TPU's layout assignment relaid GPT-J's q, k and v weights once for the whole stack and
-    hoisted that copy out of the accumulation loop, where frozen weights are loop-invariant (2.6 GiB for the
-    6B on one v5e chip). Trained weights need no pin: their cast to the compute dtype in the loop is a new
-    array of whatever layout the matmul wants."""
+    hoisted that copy out of the accumulation loop, where frozen weights are loop-invariant (2.63 GiB of the
+    6B step's 17.01 GiB on one v5e chip, which now needs 14.25). Trained weights need no pin: their cast to
+    the compute dtype in the loop is a new array of whatever layout the matmul wants."""
     value = next_getter(value)
     return with_layout_constraint(value, Layout(tuple(range(value.ndim))))
 
