@@ -1,5 +1,5 @@
-"""Small pieces several test files share: a tiny model's config keys, a free loopback port, and a local GCS
-emulator."""
+"""Small pieces several test files share: a tiny model's config keys, a free loopback port, a local GCS
+emulator, and one greedy request to `device_sample.py --serve`."""
 
 from __future__ import annotations
 
@@ -66,3 +66,37 @@ def gcs_emulator(log_dir: Path, *buckets: str) -> Iterator[str]:
                 os.environ["STORAGE_EMULATOR_HOST"] = old
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def serve_one_greedy_request(command: list[str], model: str, prompt_ids: list[int], max_tokens: int) -> str:
+    """Start `command --serve` (a device_sample.py command line) on a free port, wait for /health, send one
+    greedy /v1/completions request of `prompt_ids` with the openai client, stop the server; its text."""
+    import httpx
+    import openai
+
+    port = free_port()
+    serving = subprocess.Popen(
+        [*command, "--serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
+        while True:  # loading and compiling take a while in a fresh process
+            assert serving.poll() is None, serving.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        answer = client.completions.create(
+            model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0
+        )
+        assert answer.usage.completion_tokens == max_tokens
+        return answer.choices[0].text
+    finally:
+        serving.terminate()
+        serving.wait(timeout=60)

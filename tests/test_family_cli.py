@@ -13,16 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
-import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import openai
 import pytest
 import torch
-from helpers import free_port
+from helpers import serve_one_greedy_request
 from test_evaluation import WORDS, write_tasks
 from test_family import hf_logits, random_hf_model
 from test_hf import write_word_tokenizer
@@ -56,35 +53,6 @@ def write_corpus(path, n_docs: int = 40) -> None:
     rng = np.random.default_rng(0)
     lines = [json.dumps({"text": " ".join(rng.choice(WORDS, size=30))}) for _ in range(n_docs)]
     path.write_text("\n".join(lines) + "\n")
-
-
-def serve_one_greedy_request(command: list[str], model: str, prompt_ids: list[int], max_tokens: int) -> str:
-    port = free_port()
-    serving = subprocess.Popen(
-        [*command, "--serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 240
-        while True:  # loading and compiling take a while in a fresh process
-            assert serving.poll() is None, serving.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
-        answer = client.completions.create(
-            model=model, prompt=prompt_ids, max_tokens=max_tokens, temperature=0
-        )
-        assert answer.usage.completion_tokens == max_tokens
-        return answer.choices[0].text
-    finally:
-        serving.terminate()
-        serving.wait(timeout=60)
 
 
 @pytest.mark.slow

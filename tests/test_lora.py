@@ -1,7 +1,7 @@
 """LoRA fine-tuning (mesh_transformer/lora.py): adapters over a frozen base on any mesh, started from every
 kind of checkpoint the project reads, saved without the base but with its identity, resumed bit-identically,
-exported merged (transformers) and as a PEFT folder (peft), read back, and sampled - GPT-J through the command
-line, GPT-NeoX through transformers and peft."""
+exported merged (transformers) and as a PEFT folder (peft), read back, sampled and served - GPT-J through the
+command line, GPT-NeoX and GPT-Neo through transformers and peft."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, serve_one_greedy_request
 from test_model import random_hf_model
 
 from mesh_transformer import data, lora
@@ -184,51 +184,77 @@ def test_lora_trains_adapters_only_on_any_mesh_from_every_kind_of_base(tmp_path)
     )
 
 
-def random_neox(tmp_path: Path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def random_hf(architecture: str):
+    """A random transformers model of the architecture (vocab 96, every tensor random): GPT-NeoX with the
+    parallel residual and fused query_key_value, GPT-Neo with local and global layers and a tied head."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoXConfig
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(
-        vocab_size=96,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        max_position_embeddings=64,
-        rotary_pct=0.25,
-        hidden_act="gelu",
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-        hidden_dropout=0.0,
-    )
-    hf = GPTNeoXForCausalLM(cfg).eval()
+    if architecture == "gpt_neox":
+        cfg = GPTNeoXConfig(
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            rotary_pct=0.25,
+            hidden_act="gelu",
+            use_parallel_residual=True,
+            tie_word_embeddings=False,
+        )
+    else:
+        cfg = GPTNeoConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            window_size=5,
+            max_position_embeddings=32,
+            attention_types=[[["local", "global"], 1]],
+        )
+    cfg.vocab_size = 96
+    for key in ("attention_dropout", "hidden_dropout", "resid_dropout", "embed_dropout"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+    hf = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "layernorm.weight" in name else 0.0))
-    hf.save_pretrained(tmp_path / "neox")
+            norm = name.endswith(("layernorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if norm else 0.0))
     return hf
 
 
-def test_neox_lora_exports_to_transformers_and_peft_and_reads_back(tmp_path):
-    """GPT-NeoX's fused query_key_value and the other projections adapted on a (2, 2) mesh: the merged export
-    loads in transformers and the PEFT folder in peft over the base, both with our logits; the PEFT folder
-    starts a LoRA run with exactly its adapters."""
-    import peft
-    from transformers import GPTNeoXForCausalLM
+# our config keys, every LoRA target of each architecture, and the (dp, mp) mesh it trains on (GPT-J's run is
+# the command-line test below; one device for GPT-Neo, whose compile on a mesh would double its test's time)
+ARCHITECTURES = {
+    "gpt_neox": (
+        dict(architecture="gpt_neox"),
+        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+        (2, 2),
+    ),
+    "gpt_neo": (
+        dict(architecture="gpt_neo", window_size=5, n_positions=32, attention_layers=["local", "global"]),
+        ["q", "k", "v", "out", "c_fc", "c_proj"],
+        (1, 1),
+    ),
+}
 
-    base_hf = random_neox(tmp_path)
-    config = from_dict(
-        dict(
-            {k: v for k, v in CONFIG.items() if k != "pe_rotary_dims"},
-            architecture="gpt_neox",
-            n_vocab=96,
-            tpu_size=4,
-            lora_targets=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-        )
-    )
-    trainer = make_trainer(config, make_mesh(2, 2, jax.devices()[:4]))
-    state = trainer.tuned_state(str(tmp_path / "neox"))
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_lora_of_every_architecture_exports_to_transformers_and_peft_and_reads_back(tmp_path, architecture):
+    """Every projection adapted (GPT-NeoX's fused query_key_value on a (2, 2) mesh, GPT-Neo's local layers
+    and tied head): the merged export loads in transformers and the PEFT folder in peft over the base, both
+    with our logits; the PEFT folder starts a LoRA run with exactly its adapters."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base_hf = random_hf(architecture)
+    base_hf.save_pretrained(tmp_path / "base")
+    keys, targets, (dp, mp) = ARCHITECTURES[architecture]
+    values = {k: v for k, v in CONFIG.items() if k != "pe_rotary_dims"}
+    mesh = dict(tpu_size=dp * mp, cores_per_replica=mp, per_replica_batch=2 // dp)
+    config = from_dict(dict(values, **keys, **mesh, n_vocab=96, lora_targets=targets))
+    trainer = make_trainer(config, make_mesh(dp, mp, jax.devices()[: dp * mp]))
+    state = trainer.tuned_state(str(tmp_path / "base"))
     rng = np.random.default_rng(0)
     for _ in range(2):
         state, _ = trainer.step(state, trainer.global_batch(rng.integers(0, 96, (1, 2, 17))))
@@ -241,7 +267,8 @@ def test_neox_lora_exports_to_transformers_and_peft_and_reads_back(tmp_path):
     assert np.abs(ours - hf_logits(base_hf, tokens_BT)).max() > 1e-3  # the adapters matter
 
     lora.export_merged(str(tmp_path / "run"), config, str(tmp_path / "merged"))
-    merged_hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged_hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged_hf) is type(base_hf)
     np.testing.assert_allclose(hf_logits(merged_hf, tokens_BT), ours, atol=1e-4, rtol=0)
 
     lora.export_peft(str(tmp_path / "run"), config, str(tmp_path / "peft"))
@@ -362,30 +389,20 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
         lora.load_merged(str(run_a / "step_3"), config),
     )
 
-    # slim_checkpoint.py keeps the adapters (bfloat16) and the base's identity; device_sample.py samples the
-    # slim LoRA checkpoint with its adapters merged, as transformers' greedy search does the merged model.
+    # slim_checkpoint.py keeps the adapters (bfloat16) and the base's identity; `device_sample.py --serve`
+    # serves the slim LoRA checkpoint with its adapters merged: one OpenAI-client request gets the greedy text
+    # of transformers on the merged model. (--serve and --prompt load a checkpoint the same way,
+    # engine.load_generator; one slot: the fewest programs for the server to compile before it serves.)
     slim = root / "slim"
     cli("slim_checkpoint.py", str(run_a / "step_3"), str(slim))
     assert json.loads((slim / METADATA_FILE).read_text())["extra"]["lora"] == meta["extra"]["lora"]
     slim_merged = lora.load_merged(str(slim), config)
-    prompt = "alpha beta gamma"
-    done = cli(
-        "device_sample.py",
-        "--config",
-        config_file,
-        "--ckpt",
-        str(slim),
-        "--tokenizer",
-        dataset,
-        "--prompt",
-        prompt,
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "0",
-    )
     tokenizer = data.load_tokenizer(dataset)
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = tokenizer.encode("alpha beta gamma").ids
+    serve = [str(ROOT / "device_sample.py"), "--config", config_file, "--ckpt", str(slim)]
+    served = serve_one_greedy_request(
+        [sys.executable, *serve, "--tokenizer", dataset, "--max-batch", "1"], config.name, prompt_ids, 8
+    )
     slim_hf = GPTJForCausalLM.from_pretrained(root / "merged").eval()
     from mesh_transformer.hf import hf_tensors
 
@@ -398,4 +415,4 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
         greedy = slim_hf.generate(
             torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0
         )[0, len(prompt_ids) :].tolist()
-    assert done.stdout.strip() == (prompt + tokenizer.decode(greedy)).strip(), done.stdout
+    assert served == tokenizer.decode(greedy)
