@@ -397,6 +397,9 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
     cli("slim_checkpoint.py", str(run_a / "step_3"), str(slim))
     assert json.loads((slim / METADATA_FILE).read_text())["extra"]["lora"] == meta["extra"]["lora"]
     slim_merged = lora.load_merged(str(slim), config)
+    # what reads any starting point (eval_harness.py, --tune-model-path) reads a LoRA checkpoint merged
+    read = load_pretrained_params(str(slim), config)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, read, slim_merged)
     tokenizer = data.load_tokenizer(dataset)
     prompt_ids = tokenizer.encode("alpha beta gamma").ids
     serve = [str(ROOT / "device_sample.py"), "--config", config_file, "--ckpt", str(slim)]
