@@ -19,6 +19,7 @@ never split), so a LoRA run works on every (dp, mp) mesh that the base's partiti
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -83,7 +84,7 @@ def in_order(model: Model, targets) -> tuple[str, ...]:
 # ----- the side path -----
 
 
-def _interceptor(model: Model, spec: LoraSpec):
+def _interceptor(model: Model, spec: LoraSpec, stored_layout: bool):
     # Inside the layer stack (a lifted scan) a layer's modules are named relative to it: "block/q_proj".
     block = L.STACK.rstrip("/").rsplit("/", 1)[-1]
     adapted = {f"{block}/{model.lora_targets[t]}" for t in spec.targets}
@@ -95,7 +96,7 @@ def _interceptor(model: Model, spec: LoraSpec):
         name = "/".join(dense.module_name.split("/")[-2:])
         if not name.startswith(f"{block}/"):  # outside the layer stack (the LM head)
             return next_f(*args, **kwargs)
-        with hk.custom_getter(_stored_layout):
+        with hk.custom_getter(_stored_layout) if stored_layout else contextlib.nullcontext():
             y = next_f(*args, **kwargs)
         if name not in adapted:
             return y
@@ -119,17 +120,19 @@ def _stored_layout(next_getter, value, context):
     loop. Left free, TPU's layout assignment relaid GPT-J's q, k and v weights once for the whole stack and
     hoisted that copy out of the accumulation loop, where frozen weights are loop-invariant (2.63 GiB of the
     6B step's 17.01 GiB on one v5e chip, which now needs 14.25). Trained weights need no pin: their cast to
-    the compute dtype in the loop is a new array of whatever layout the matmul wants."""
+    the compute dtype in the loop is a new array of whatever layout the matmul wants. CPU programs go without
+    the pin, which cost them speed and saves them nothing (a CPU has no loop-invariant relayout to hoist)."""
     value = next_getter(value)
     return with_layout_constraint(value, Layout(tuple(range(value.ndim))))
 
 
 @functools.cache
-def transformed(model: Model, spec: LoraSpec) -> hk.Transformed:
-    """(init, apply) of `model` with adapters: `models.build(model)` plus the `lora_a`, `lora_b` params."""
+def transformed(model: Model, spec: LoraSpec, stored_layout: bool = False) -> hk.Transformed:
+    """(init, apply) of `model` with adapters: `models.build(model)` plus the `lora_a`, `lora_b` params; with
+    `stored_layout` (accelerator programs), frozen layer weights read in their stored layout."""
 
     def forward(tokens_BT, cache=None, segment_ids_BT=None):
-        with hk.intercept_methods(_interceptor(model, spec)):
+        with hk.intercept_methods(_interceptor(model, spec, stored_layout)):
             return model.forward(tokens_BT, cache, segment_ids_BT)
 
     return hk.transform(forward)
@@ -428,7 +431,8 @@ class LoraTrainer(Trainer):
         self._jit_start = jax.jit(self._start, out_shardings=self.state_shardings)
 
     def _transformed(self) -> hk.Transformed:
-        return transformed(model_for(self.config), self.spec)
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        return transformed(model_for(self.config), self.spec, stored_layout=not on_cpu)
 
     def split(self, params):
         return split(params)
