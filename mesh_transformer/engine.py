@@ -1,10 +1,11 @@
 """Generation on the device: continuous batching over the slots of one KV cache.
 
 An `Engine` keeps B rows ("slots") of a KV cache of S positions on the mesh, each holding one completion at
-its own position. Between decode chunks, waiting rows are prefilled by one call into free slots (prompt
-length rounded up to a power of two, so traffic compiles a handful of programs), and a decode call of one
-step draws their first ids at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then
-advances the live rows, computing only as many rows as the smallest of a few sizes that holds them.
+its own position. Between decode chunks, waiting rows are prefilled into free slots by one call per prompt
+length bucket (a power of two, so traffic compiles a handful of programs), and a decode call of one step
+draws their first ids at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then
+advances the live rows, computing only as many rows as the smallest of a few sizes that holds them, and
+ends early once the rows left fit a smaller size (or a waiting request can take a finished row's slot).
 A row that finishes (EOS, max_tokens, a stop string, a cancelled request) frees its slot for the next
 arrival. The engine calls the model's `apply` with a `KVCache` and knows nothing else of the architecture.
 
@@ -52,7 +53,7 @@ from mesh_transformer.sampling import (
 
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 16
-PREFILL_TOKENS = 2048  # padded prompt tokens prefilled in one call at most (unless one prompt is longer)
+PREFILL_TOKENS = 2048  # padded prompt tokens prefilled per admission at most (unless one prompt is longer)
 # A row's settings as `_insert` takes them: temperature, top_k, top_p, max_tokens, logprobs, prompt_logprobs.
 _SETTINGS_DTYPES = (np.float32, np.int32, np.float32, np.int32, np.bool_, np.bool_)
 # Every engine's compiled programs, by what they were compiled for (see `Engine._program`).
@@ -225,7 +226,7 @@ def _decode(
     rows_R,
     release_B,
     limit,
-    stop_early,
+    stop_at,
     *,
     shape: Model,
     mesh: Mesh,
@@ -235,14 +236,13 @@ def _decode(
 ) -> tuple[SlotState, Sampled, jax.Array]:
     """Up to `limit` (<= `steps`) ids of every live row among the slots `rows_R` (R of the batch's B; every
     slot, in order, when R == B), after marking the `release_B` rows done: the decoded rows are taken out of
-    the state once per call, so that a step computes R rows, not B. Stops early once no row is live, or
-    with `stop_early` (a request waits for a slot) once a row finishes. Entry r of the ids is slot
-    rows_R[r]'s, and so is entry r of the rows' done flags returned with them."""
+    the state once per call, so that a step computes R rows, not B. Stops early once at most `stop_at`
+    rows are live (the host picks it: fewer rows fit a smaller program, or a waiting request can take the
+    freed slot). Entry r of the ids is slot rows_R[r]'s, and so is entry r of the rows' done flags."""
     model = build(shape)
     B, R = state.done_B.shape[0], rows_R.shape[0]
     state = state._replace(done_B=state.done_B | release_B)
     rows = state if R == B else _pin(_take_rows(state, rows_R), mesh)
-    done_before_R = rows.done_B
     zeros = lambda dtype, *shape_: jnp.zeros((R, *shape_), dtype)  # noqa: E731
     N = MAX_LOGPROBS
     no_logprobs = Logprobs(zeros(jnp.float32), zeros(jnp.int32, N), zeros(jnp.float32, N))
@@ -269,8 +269,7 @@ def _decode(
 
     def more(carry):
         i, s, _ = carry
-        finished = jnp.any(s.done_B & ~done_before_R)
-        return (i < limit) & ~jnp.all(s.done_B) & ~(stop_early & finished)
+        return (i < limit) & (jnp.sum(~s.done_B) > stop_at)
 
     out = Sampled(
         jnp.full((R, steps), -1, jnp.int32),
@@ -313,8 +312,8 @@ class Engine:
     waiting rows into free slots and then decodes one chunk of every live row. Not thread-safe: one thread
     drives it (the server's worker, or `Generator.generate`).
 
-    Arrivals are prefilled by one call, their prompts padded to a power of two P, and the live rows
-    decoded R at a time, R one of the generator's `batch_sizes`: each P and R is one program, compiled
+    Arrivals are prefilled by one call per prompt bucket, their prompts padded to a power of two P, and
+    the live rows decoded R at a time, R one of the generator's `batch_sizes`: each P and R is one program, compiled
     ahead of time when first used, or all of them by `warm_up()` (a server's start), after which traffic
     compiles nothing.
 
@@ -449,7 +448,7 @@ class Engine:
             rows((R,), i32),
             rows((self.batch,), bool),
             scalar(i32),
-            scalar(bool),
+            scalar(i32),
             vocab_size=g.vocab_size,
             eos_id=g.eos_id_or_none,
             steps=self.chunk_tokens,
@@ -465,28 +464,34 @@ class Engine:
     # ----- admitting rows -----
 
     def _take_arrivals(self) -> list[tuple[Row, Listener]]:
-        """The waiting rows (oldest first) that fit the free slots and one prefill call's token budget."""
+        """The waiting rows (oldest first) that fit the free slots and an admission's prefill token budget."""
         taken: list[tuple[Row, Listener]] = []
-        longest = 0
+        tokens = 0
         while self._waiting and len(taken) < len(self._free):
             row, listener = self._waiting[0]
             if listener.cancelled():
                 self._waiting.popleft()
                 self.report(listener.on_done, Completion([], "", "cancelled", 0))
                 continue
-            n = max(longest, len(row.prompt_ids))
-            if taken and (len(taken) + 1) * bucket(n, MIN_PROMPT_BUCKET, self.slots) > self.prefill_tokens:
+            tokens += bucket(len(row.prompt_ids), MIN_PROMPT_BUCKET, self.slots)
+            if taken and tokens > self.prefill_tokens:
                 break
             taken.append(self._waiting.popleft())
-            longest = n
         return taken
 
     def _admit(self) -> None:
-        taken = self._take_arrivals()
-        if not taken:
-            return
+        """Prefill the arrivals that fit, one call per prompt bucket (shortest first), so that a short prompt
+        is not padded to a long one's bucket."""
+        by_bucket: dict[int, list[tuple[Row, Listener]]] = {}
+        for row, listener in self._take_arrivals():
+            P = bucket(len(row.prompt_ids), MIN_PROMPT_BUCKET, self.slots)
+            by_bucket.setdefault(P, []).append((row, listener))
+        for P in sorted(by_bucket):
+            self._insert_rows(P, by_bucket[P])
+
+    def _insert_rows(self, P: int, taken: list[tuple[Row, Listener]]) -> None:
+        """Prefill rows of prompts of at most P tokens into free slots by one call."""
         A = self.batch  # rows past the taken ones are fillers, which the program skips
-        P = bucket(max(len(row.prompt_ids) for row, _ in taken), MIN_PROMPT_BUCKET, self.slots)
         tokens_AP = np.zeros((A, P), np.int32)
         length_A = np.ones(A, np.int32)  # filler rows: one token, nothing to generate
         slot_A = np.full(A, self.batch, np.int32)  # past the batch: dropped
@@ -553,12 +558,15 @@ class Engine:
         slots = list(range(self.batch)) if R == self.batch else live
         rows_R = np.full(R, self.batch, np.int32)  # past the batch: a filler row
         rows_R[: len(slots)] = slots
-        stop_early = bool(self._waiting) and not self._free  # a waiting row needs a slot
-        limit = 1 if self._fresh else self.chunk_tokens
+        # Stop once the rows left fit a smaller program, or (a request waits for a slot) once a row finishes.
+        stop_at = max([b for b in self.sizes if b < R] + [0])
+        if self._waiting and not self._free:
+            stop_at = max(stop_at, len(live) - 1)
+        limit = 1 if self._fresh else self.chunk_tokens  # the rows just admitted draw their first ids at once
         put = self.generator.put_rows
         try:
             state, out, done_R = self._run_decode(
-                R, self._state, put(rows_R), put(self._release.copy()), np.int32(limit), np.bool_(stop_early)
+                R, self._state, put(rows_R), put(self._release.copy()), np.int32(limit), np.int32(stop_at)
             )
             out, done_R = jax.device_get((out, done_R))
         except Exception as error:  # noqa: BLE001 - every live row is answered with it

@@ -109,7 +109,7 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
         row((B,), i32),
         row((B,), bool),
         jnp.int32(32),
-        jnp.bool_(False),
+        jnp.int32(0),
         eos_id=50256,
         steps=32,
         **programs,
