@@ -98,14 +98,15 @@ def test_a_chunk_ends_once_its_rows_fit_a_smaller_program_and_each_prompt_bucket
     short, long = Collect(), Collect()
     engine.add(rows[1], long)
     engine.add(rows[0], short)
-    engine.step()  # both prefilled, a call per prompt bucket (shortest first), and both first ids drawn
+    # Both prefilled by a call per prompt bucket (shortest first), drawing their first ids, then decoded
+    # in the 4-row program until one row is left (2 more steps), not for a whole chunk of 8.
+    engine.step()
     assert calls == [("insert", (16,)), ("insert", (32,)), ("decode", 4)]
-    engine.step()  # the 4-row program until one row is left (2 more steps), not for a whole chunk of 8
     assert short.completion.generated_tokens == 3 and long.completion is None
     assert len(engine._live[min(engine._live)].tracker.ids) == 3
     while engine.busy:
         engine.step()
-    assert calls[4:] == [("decode", 1)] * 3  # 17 ids left: chunks of 8, 8, 1
+    assert calls[3:] == [("decode", 1)] * 3  # 17 ids left: chunks of 8, 8, 1
     assert long.completion.token_ids == generator.generate([rows[1]])[0].token_ids
 
 
