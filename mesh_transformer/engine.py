@@ -1,10 +1,11 @@
 """Generation on the device: continuous batching over the slots of one KV cache.
 
 An `Engine` keeps B rows ("slots") of a KV cache of S positions on the mesh, each holding one completion at
-its own position. Between decode chunks, waiting rows are prefilled by one call into free slots (prompt
-length rounded up to a power of two, so traffic compiles a handful of programs), and a decode call of one
-step draws their first ids at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then
-advances the live rows, computing only as many rows as the smallest of a few sizes that holds them.
+its own position. Between decode chunks, waiting rows are prefilled into free slots by one call per prompt
+length bucket (a power of two, so traffic compiles a handful of programs), each row drawing its first id
+from its prefill's logits at once; a decode chunk (a jitted `lax.while_loop`, no Python per token) then
+advances the live rows, computing only as many rows as the smallest of a few sizes that holds them, and
+ends early once the rows left fit a smaller size (or a waiting request can take a finished row's slot).
 A row that finishes (EOS, max_tokens, a stop string, a cancelled request) frees its slot for the next
 arrival. The engine calls the model's `apply` with a `KVCache` and knows nothing else of the architecture.
 
@@ -52,7 +53,7 @@ from mesh_transformer.sampling import (
 
 MIN_PROMPT_BUCKET = 16
 MIN_OUTPUT_BUCKET = 16
-PREFILL_TOKENS = 2048  # padded prompt tokens prefilled in one call at most (unless one prompt is longer)
+PREFILL_TOKENS = 2048  # padded prompt tokens prefilled per admission at most (unless one prompt is longer)
 # A row's settings as `_insert` takes them: temperature, top_k, top_p, max_tokens, logprobs, prompt_logprobs.
 _SETTINGS_DTYPES = (np.float32, np.int32, np.float32, np.int32, np.bool_, np.bool_)
 # Every engine's compiled programs, by what they were compiled for (see `Engine._program`).
@@ -116,7 +117,7 @@ def _empty_state(*, shape: Model, mesh: Mesh, batch: int, slots: int) -> SlotSta
 
 # The device programs are module-level jitted functions; an engine compiles them ahead of time for each
 # size it uses (see `Engine._program`), and every engine of one model on one mesh shares what was compiled.
-@functools.partial(jax.jit, static_argnames=("shape", "mesh", "vocab_size"), donate_argnums=1)
+@functools.partial(jax.jit, static_argnames=("shape", "mesh", "vocab_size", "eos_id"), donate_argnums=1)
 def _insert(
     params,
     state: SlotState,
@@ -131,13 +132,15 @@ def _insert(
     shape: Model,
     mesh: Mesh,
     vocab_size: int,
-) -> tuple[SlotState, Logprobs]:
+    eos_id: int,
+) -> tuple[SlotState, Sampled, jax.Array, Logprobs]:
     """Prefill the first `count` of A prompts (right-padded to P) one after another, each into a fresh cache
-    copied into its slot `slot_A[a]` (the rows past `count` are fillers, and their slots past the batch).
-    The count is a traced loop bound, so one program serves any number of rows: a program per P alone.
-    Each slot then holds all but its prompt's last token, which the next decode step feeds to draw the
-    row's first id: every id is drawn by `_decode`, and this program samples nothing. A row that asks for
-    them also gets its prompt tokens' log-probabilities after the first (entry t - 1 is token t's)."""
+    copied into its slot `slot_A[a]` (the rows past `count` are fillers, and their slots past the batch),
+    and draw each row's first id from its last prompt token's logits, so that an arrival's first token
+    needs no decode call. The count is a traced loop bound, so one program serves any number of rows: a
+    program per P alone. Returns the state, the first ids (-1 for a row of max_tokens 0) with their
+    log-probabilities, which rows are done already, and, for a row that asks for them, its prompt tokens'
+    log-probabilities after the first (entry t - 1 is token t's)."""
     temperature_A, top_k_A, top_p_A, max_tokens_A, logprobs_A, prompt_logprobs_A = settings
     model = build(shape)
     A, P = tokens_AP.shape
@@ -147,7 +150,7 @@ def _insert(
     )
 
     def prefill(a, carry):
-        cache, scores = carry
+        cache, scores, last_AV = carry
         tokens_1P = jax.lax.dynamic_slice_in_dim(tokens_AP, a, 1)
         with sharding.activation_sharding(mesh):
             fresh = KVCache.empty(shape, 1, P)
@@ -175,25 +178,37 @@ def _insert(
         scores = jax.tree.map(
             lambda s, r: jax.lax.dynamic_update_slice_in_dim(s, r, a, 0), scores, row_scores
         )
-        return cache, scores
+        last_1V = jax.lax.dynamic_slice_in_dim(logits_1PV[0], length_A[a] - 1, 1).astype(jnp.float32)
+        return cache, scores, jax.lax.dynamic_update_slice_in_dim(last_AV, last_1V, a, 0)
 
     no_scores = jax.tree.map(lambda x: jnp.zeros((A, *x.shape[1:]), x.dtype), no_scores_1)
-    cache, scores = jax.lax.fori_loop(0, count, prefill, (state.cache, no_scores))
-    last_A = jnp.take_along_axis(tokens_AP, (length_A - 1)[:, None], axis=1)[:, 0]
+    last_AV = jnp.zeros((A, shape.n_vocab), jnp.float32)
+    cache, scores, last_AV = jax.lax.fori_loop(0, count, prefill, (state.cache, no_scores, last_AV))
+    key_A2 = jax.vmap(jax.random.fold_in)(seed_A2, choice_A)
+    first_A = sample_next(
+        last_AV, key_A2, jnp.zeros_like(length_A), temperature_A, top_k_A, top_p_A, vocab_size
+    )
+    no_logprobs = Logprobs(jnp.zeros((A,)), jnp.zeros((A, N), jnp.int32), jnp.zeros((A, N)))
+    first_logprobs = jax.lax.cond(
+        jnp.any(logprobs_A), lambda: token_logprobs(last_AV, first_A, vocab_size), lambda: no_logprobs
+    )
+    drawn_A = max_tokens_A > 0
+    done_A = ~drawn_A | (first_A == eos_id) | (max_tokens_A <= 1)
     put = lambda x, new: x.at[slot_A].set(new, mode="drop")  # noqa: E731
     state = SlotState(
-        cache._replace(length_B=put(cache.length_B, length_A - 1)),  # the last token is the next input
-        put(state.next_B, last_A),
-        put(state.count_B, jnp.zeros_like(length_A)),
-        put(state.done_B, max_tokens_A <= 0),
-        put(state.key_B2, jax.vmap(jax.random.fold_in)(seed_A2, choice_A)),
+        cache._replace(length_B=put(cache.length_B, length_A)),
+        put(state.next_B, first_A),
+        put(state.count_B, drawn_A.astype(jnp.int32)),
+        put(state.done_B, done_A),
+        put(state.key_B2, key_A2),
         put(state.temperature_B, temperature_A),
         put(state.top_k_B, top_k_A),
         put(state.top_p_B, top_p_A),
         put(state.max_tokens_B, max_tokens_A),
         put(state.logprobs_B, logprobs_A),
     )
-    return _pin(state, mesh), scores
+    first = Sampled(jnp.where(drawn_A, first_A, -1), first_logprobs)
+    return _pin(state, mesh), first, done_A, scores
 
 
 def _take_rows(state: SlotState, rows_R: jax.Array) -> SlotState:
@@ -224,8 +239,7 @@ def _decode(
     state: SlotState,
     rows_R,
     release_B,
-    limit,
-    stop_early,
+    stop_at,
     *,
     shape: Model,
     mesh: Mesh,
@@ -233,16 +247,15 @@ def _decode(
     eos_id: int,
     steps: int,
 ) -> tuple[SlotState, Sampled, jax.Array]:
-    """Up to `limit` (<= `steps`) ids of every live row among the slots `rows_R` (R of the batch's B; every
+    """Up to `steps` ids of every live row among the slots `rows_R` (R of the batch's B; every
     slot, in order, when R == B), after marking the `release_B` rows done: the decoded rows are taken out of
-    the state once per call, so that a step computes R rows, not B. Stops early once no row is live, or
-    with `stop_early` (a request waits for a slot) once a row finishes. Entry r of the ids is slot
-    rows_R[r]'s, and so is entry r of the rows' done flags returned with them."""
+    the state once per call, so that a step computes R rows, not B. Stops early once at most `stop_at`
+    rows are live (the host picks it: fewer rows fit a smaller program, or a waiting request can take the
+    freed slot). Entry r of the ids is slot rows_R[r]'s, and so is entry r of the rows' done flags."""
     model = build(shape)
     B, R = state.done_B.shape[0], rows_R.shape[0]
     state = state._replace(done_B=state.done_B | release_B)
     rows = state if R == B else _pin(_take_rows(state, rows_R), mesh)
-    done_before_R = rows.done_B
     zeros = lambda dtype, *shape_: jnp.zeros((R, *shape_), dtype)  # noqa: E731
     N = MAX_LOGPROBS
     no_logprobs = Logprobs(zeros(jnp.float32), zeros(jnp.int32, N), zeros(jnp.float32, N))
@@ -269,8 +282,7 @@ def _decode(
 
     def more(carry):
         i, s, _ = carry
-        finished = jnp.any(s.done_B & ~done_before_R)
-        return (i < limit) & ~jnp.all(s.done_B) & ~(stop_early & finished)
+        return (i < steps) & (jnp.sum(~s.done_B) > stop_at)
 
     out = Sampled(
         jnp.full((R, steps), -1, jnp.int32),
@@ -313,10 +325,10 @@ class Engine:
     waiting rows into free slots and then decodes one chunk of every live row. Not thread-safe: one thread
     drives it (the server's worker, or `Generator.generate`).
 
-    Arrivals are prefilled by one call, their prompts padded to a power of two P, and the live rows
-    decoded R at a time, R one of the generator's `batch_sizes`: each P and R is one program, compiled
-    ahead of time when first used, or all of them by `warm_up()` (a server's start), after which traffic
-    compiles nothing.
+    Arrivals are prefilled by one call per prompt bucket, their prompts padded to a power of two P, and
+    the live rows decoded R at a time, R one of the generator's `batch_sizes`: each P and R is one program,
+    compiled ahead of time when first used, or all of them by `warm_up()` (a server's start), after which
+    traffic compiles nothing.
 
     A device call that fails fails the rows it was for (a failed decode: every live row) and the engine goes
     on with the others; a listener that raises fails its own row only."""
@@ -342,7 +354,6 @@ class Engine:
         self._state: SlotState | None = None
         self._free = list(range(batch))  # a heap: new rows take the lowest free slot
         self._live: dict[int, _Live] = {}
-        self._fresh = False  # a row was admitted since the last decode call: the next one draws 1 id
         self._waiting: collections.deque[tuple[Row, Listener]] = collections.deque()
         self._release = np.zeros(batch, bool)  # slots the host finished since the last decode call
         self.device_calls = 0
@@ -440,6 +451,7 @@ class Engine:
                 *seeds,
                 settings,
                 vocab_size=g.vocab_size,
+                eos_id=g.eos_id_or_none,
                 **programs,
             )
         (R,) = size
@@ -449,14 +461,13 @@ class Engine:
             rows((R,), i32),
             rows((self.batch,), bool),
             scalar(i32),
-            scalar(bool),
             vocab_size=g.vocab_size,
             eos_id=g.eos_id_or_none,
             steps=self.chunk_tokens,
             **programs,
         )
 
-    def _run_insert(self, size: tuple[int], *args) -> tuple[SlotState, Logprobs]:
+    def _run_insert(self, size: tuple[int], *args) -> tuple[SlotState, Sampled, jax.Array, Logprobs]:
         return self._program("insert", size)(self.generator.params, *args)
 
     def _run_decode(self, rows: int, *args) -> tuple[SlotState, Sampled, jax.Array]:
@@ -465,28 +476,34 @@ class Engine:
     # ----- admitting rows -----
 
     def _take_arrivals(self) -> list[tuple[Row, Listener]]:
-        """The waiting rows (oldest first) that fit the free slots and one prefill call's token budget."""
+        """The waiting rows (oldest first) that fit the free slots and an admission's prefill token budget."""
         taken: list[tuple[Row, Listener]] = []
-        longest = 0
+        tokens = 0
         while self._waiting and len(taken) < len(self._free):
             row, listener = self._waiting[0]
             if listener.cancelled():
                 self._waiting.popleft()
                 self.report(listener.on_done, Completion([], "", "cancelled", 0))
                 continue
-            n = max(longest, len(row.prompt_ids))
-            if taken and (len(taken) + 1) * bucket(n, MIN_PROMPT_BUCKET, self.slots) > self.prefill_tokens:
+            tokens += bucket(len(row.prompt_ids), MIN_PROMPT_BUCKET, self.slots)
+            if taken and tokens > self.prefill_tokens:
                 break
             taken.append(self._waiting.popleft())
-            longest = n
         return taken
 
     def _admit(self) -> None:
-        taken = self._take_arrivals()
-        if not taken:
-            return
+        """Prefill the arrivals that fit, one call per prompt bucket (shortest first), so that a short prompt
+        is not padded to a long one's bucket."""
+        by_bucket: dict[int, list[tuple[Row, Listener]]] = {}
+        for row, listener in self._take_arrivals():
+            P = bucket(len(row.prompt_ids), MIN_PROMPT_BUCKET, self.slots)
+            by_bucket.setdefault(P, []).append((row, listener))
+        for P in sorted(by_bucket):
+            self._insert_rows(P, by_bucket[P])
+
+    def _insert_rows(self, P: int, taken: list[tuple[Row, Listener]]) -> None:
+        """Prefill rows of prompts of at most P tokens into free slots by one call."""
         A = self.batch  # rows past the taken ones are fillers, which the program skips
-        P = bucket(max(len(row.prompt_ids) for row, _ in taken), MIN_PROMPT_BUCKET, self.slots)
         tokens_AP = np.zeros((A, P), np.int32)
         length_A = np.ones(A, np.int32)  # filler rows: one token, nothing to generate
         slot_A = np.full(A, self.batch, np.int32)  # past the batch: dropped
@@ -507,14 +524,18 @@ class Engine:
             prompt_logprobs_A[a] = p.prompt_logprobs
         put = self.generator.put_rows
         try:
-            state, prompt = self._run_insert(
+            state, first, done_A, prompt = self._run_insert(
                 (P,),
                 self._state if self._state is not None else self._empty(),
                 np.int32(len(taken)),
                 *(put(x) for x in (tokens_AP, length_A, slot_A, seed_A2, choice_A)),
                 tuple(put(x) for x in settings),
             )
-            prompt = jax.device_get(prompt) if prompt_logprobs_A.any() else None
+            wanted = (
+                first.logprobs if logprobs_A.any() else None,
+                prompt if prompt_logprobs_A.any() else None,
+            )
+            first_A, done_A, (first_logprobs, prompt) = jax.device_get((first.ids, done_A, wanted))
         except Exception as error:  # noqa: BLE001 - the rows are answered with it; the engine goes on
             for slot in slots:
                 heapq.heappush(self._free, slot)
@@ -535,10 +556,11 @@ class Engine:
                 ]
             tracker = TextTracker(row, self.generator.detokenize, self.generator.eos_id)
             self._live[slot] = _Live(row, listener, tracker, prompt_logprobs)
-            if row.params.max_tokens == 0:  # scoring only: nothing to draw
-                self._deliver(slot, [], [], device_done=True)
-            else:
-                self._fresh = True
+            ids = [int(first_A[a])] if first_A[a] >= 0 else []  # none for max_tokens 0 (scoring only)
+            logprobs = []
+            if ids and row.params.logprobs is not None:
+                logprobs = [_token_logprob(first_logprobs, (a,), ids[0], row.params.logprobs)]
+            self._deliver(slot, ids, logprobs, bool(done_A[a]))
 
     def _empty(self) -> SlotState:
         return self._program("empty", ())()
@@ -546,19 +568,25 @@ class Engine:
     # ----- decoding -----
 
     def _decode_chunk(self) -> None:
-        """Decode the live slots: R of them (the smallest size that holds them; all, in order, at R = B),
-        one id each right after an admission (its rows' first ids), else up to a chunk."""
+        """Decode up to a chunk of the live slots: R of them (the smallest size that holds them; all, in
+        order, at R = B)."""
         live = sorted(self._live)
         R = next(b for b in self.sizes if b >= len(live))
         slots = list(range(self.batch)) if R == self.batch else live
         rows_R = np.full(R, self.batch, np.int32)  # past the batch: a filler row
         rows_R[: len(slots)] = slots
-        stop_early = bool(self._waiting) and not self._free  # a waiting row needs a slot
-        limit = 1 if self._fresh else self.chunk_tokens
+        # Stop once the rows left fit a smaller program, or (a request waits for a slot) once a row finishes.
+        stop_at = max([b for b in self.sizes if b < R] + [0])
+        if self._waiting and not self._free:
+            stop_at = max(stop_at, len(live) - 1)
         put = self.generator.put_rows
         try:
             state, out, done_R = self._run_decode(
-                R, self._state, put(rows_R), put(self._release.copy()), np.int32(limit), np.bool_(stop_early)
+                R,
+                self._state,
+                put(rows_R),
+                put(self._release.copy()),
+                np.int32(stop_at),
             )
             out, done_R = jax.device_get((out, done_R))
         except Exception as error:  # noqa: BLE001 - every live row is answered with it
@@ -566,7 +594,6 @@ class Engine:
             return
         self._state = state
         self._release[:] = False
-        self._fresh = False
         self.device_calls += 1
         for r, slot in enumerate(slots):
             if slot not in self._live:

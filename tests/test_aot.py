@@ -99,7 +99,7 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
         row((B, 2), jnp.uint32),
         row((B,), jnp.uint32),
     )
-    insert = engine._insert.lower(params, state, jnp.int32(B), *arrivals, settings, **programs)
+    insert = engine._insert.lower(params, state, jnp.int32(B), *arrivals, settings, eos_id=50256, **programs)
     memory = insert.compile().memory_analysis()
     assert memory.argument_size_in_bytes + memory.temp_size_in_bytes < 16 * GiB
 
@@ -108,8 +108,7 @@ def test_6B_decode_compiles_for_a_v3_8_with_each_layer_split_over_mp():
         state,
         row((B,), i32),
         row((B,), bool),
-        jnp.int32(32),
-        jnp.bool_(False),
+        jnp.int32(0),
         eos_id=50256,
         steps=32,
         **programs,

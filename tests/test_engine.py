@@ -1,6 +1,7 @@
 """Continuous batching and sampling semantics: rows beyond the slots reuse freed slots and give what they
-give alone, a long row does not hold short ones back, prefill shapes stay bucketed (and `warm_up` compiles
-every program traffic runs), a failing listener fails its row only; top-k then top-p as transformers'
+give alone, a long row does not hold short ones back, a chunk ends once its rows fit a smaller program
+and arrivals are prefilled by one call per prompt bucket, prefill shapes stay bucketed (and `warm_up`
+compiles every program traffic runs), a failing listener fails its row only; top-k then top-p as transformers'
 warpers, top_p 1 never filtered beside a top-p batch-mate, and a stop string completing inside a multi-byte
 character never streamed."""
 
@@ -83,6 +84,34 @@ def test_a_short_row_finishes_while_a_long_one_goes_on(generator):
     long.stop = True
     engine.step()
     assert long.completion.finish_reason == "cancelled" and not engine.busy
+
+
+def test_a_chunk_ends_once_its_rows_fit_a_smaller_program_and_each_prompt_bucket_prefills_alone(generator):
+    engine = Engine(generator, batch=4, slots=SEQ)
+    calls, insert, decode = [], engine._run_insert, engine._run_decode
+    engine._run_insert = lambda size, *args: calls.append(("insert", size)) or insert(size, *args)
+    engine._run_decode = lambda rows, *args: calls.append(("decode", rows)) or decode(rows, *args)
+    rows = [
+        Row([1, 2], SamplingParams(max_tokens=3, temperature=0)),
+        Row(list(range(1, 21)), SamplingParams(max_tokens=20, temperature=0)),
+    ]
+    short, long = Collect(), Collect()
+    engine.add(rows[1], long)
+    engine.add(rows[0], short)
+    # Both prefilled by a call per prompt bucket (shortest first), drawing their first ids, then decoded
+    # in the 4-row program until one row is left (2 more steps), not for a whole chunk of 8.
+    engine.step()
+    assert calls == [("insert", (16,)), ("insert", (32,)), ("decode", 4)]
+    assert short.completion.generated_tokens == 3 and long.completion is None
+    assert len(engine._live[min(engine._live)].tracker.ids) == 3
+    while engine.busy:
+        engine.step()
+    assert calls[3:] == [("decode", 1)] * 3  # 17 ids left: chunks of 8, 8, 1
+    alone, by_itself = Engine(generator, batch=4, slots=SEQ), Collect()  # the programs compiled above
+    alone.add(rows[1], by_itself)
+    while alone.busy:
+        alone.step()
+    assert long.completion.token_ids == by_itself.completion.token_ids
 
 
 def test_prefill_shapes_are_bucketed_and_warm_up_covers_every_program_traffic_runs(generator):
