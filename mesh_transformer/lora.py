@@ -431,8 +431,7 @@ class LoraTrainer(Trainer):
         self._jit_start = jax.jit(self._start, out_shardings=self.state_shardings)
 
     def _transformed(self) -> hk.Transformed:
-        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-        return transformed(model_for(self.config), self.spec, stored_layout=not on_cpu)
+        return transformed(model_for(self.config), self.spec, stored_layout=not self.on_cpu)
 
     def split(self, params):
         return split(params)

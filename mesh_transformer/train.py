@@ -73,6 +73,8 @@ class Trainer:
 
     def __init__(self, config: Config, mesh: Mesh):
         self.config, self.mesh = config, mesh
+        # CPU programs get CPU-only layout choices (layers.weight_gradients_transposed_first; lora.py)
+        self.on_cpu = mesh.devices.flat[0].platform == "cpu"
         self.model = self._transformed()
         self.optimizer = make_optimizer(config)
         self.schedule = schedule_for(config)
@@ -170,8 +172,7 @@ class Trainer:
         if batch.loss_mask is not None:
             n_targets = jnp.maximum(jnp.sum(batch.loss_mask[..., 1:] > 0).astype(jnp.float32), 1.0)
         trained, frozen = self.split(state.params)
-        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-        with sharding.activation_sharding(self.mesh), L.weight_gradients_transposed_first(on_cpu):
+        with sharding.activation_sharding(self.mesh), L.weight_gradients_transposed_first(self.on_cpu):
             grad_fn = jax.value_and_grad(
                 lambda t, micro_BT1: self._loss(self.join(t, frozen), micro_BT1, n_targets), has_aux=True
             )
