@@ -411,7 +411,8 @@ def check_model_path(path: str) -> None:
 
 def load_params(trainer: Trainer, path: str) -> Any:
     """Params from a full or slim checkpoint (or a model_dir's newest), a Hugging Face folder of the config's
-    architecture or an original Mesh-Transformer-JAX checkpoint, placed with the Trainer's param shardings."""
+    architecture, an original Mesh-Transformer-JAX checkpoint or a LoRA fine-tune (adapters merged), placed
+    with the Trainer's param shardings."""
     from mesh_transformer.hf import load_pretrained_params
 
     check_model_path(path)
