@@ -215,13 +215,17 @@ def report(result: AotResult) -> str:
 
 def check(config: Config, topology: str, echo: Callable[[str], None] = print) -> AotResult:
     """Compile, print the report, and raise `StepDoesNotFit` when the step is too big for the device."""
-    result = compile_step(config, topology)
+    return require_fit(compile_step(config, topology), echo)
+
+
+def require_fit(result: AotResult, echo: Callable[[str], None] = print) -> AotResult:
+    """Print a compiled step's report, and raise `StepDoesNotFit` when the step is too big for the device."""
     echo(report(result))
     if not result.fits:
         raise StepDoesNotFit(
             f"the train step of this config needs {result.required / GiB:.2f} GiB per device, "
             f"more than the {result.device_memory / GiB:.0f} GiB of a {result.device_kind} "
-            f"(topology {topology}); see the report above"
+            f"(topology {result.topology}); see the report above"
         )
     return result
 
