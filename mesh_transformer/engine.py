@@ -848,12 +848,12 @@ def place_params(params: Any, shape: Model, mesh: Mesh) -> Any:
 def load_generator(
     config: Config, ckpt: str, *, tokenizer_path: str | None = None, mesh: Mesh | None = None, **options: Any
 ) -> Generator:
-    """A generator for the params of checkpoint `ckpt` (full, slim, or a model_dir's newest), split over
-    `mesh` (default: `sampling_mesh(config.mp)`), with the run's tokenizer: `tokenizer_path` (a
+    """A generator for the params of checkpoint `ckpt` (full, slim, or a model_dir's newest; a LoRA
+    fine-tune with its adapters merged: read by `hf.load_pretrained_params`, like training's starting params),
+    split over `mesh` (default: `sampling_mesh(config.mp)`), with the run's tokenizer: `tokenizer_path` (a
     tokenizer.json or dataset dir), else the dataset next to the checkpoint, else the config's `tokenizer`."""
-    from mesh_transformer import lora
-    from mesh_transformer.checkpoint import load_params
     from mesh_transformer.data import find_tokenizer
+    from mesh_transformer.hf import load_pretrained_params
     from mesh_transformer.memory import abstract_params
     from mesh_transformer.prepare import read_tokenizer_file
 
@@ -865,10 +865,8 @@ def load_generator(
     tokenizer = read_tokenizer_file(path)[0]
     mesh = mesh if mesh is not None else sampling_mesh(config.mp)
     shape = model_for(config)
-    if lora.is_peft_folder(ckpt) or lora.lora_info(ckpt) is not None:
-        params = lora.load_merged(ckpt, config)  # adapters merged at load: decoding is the base model's
-    else:
-        params = load_params(ckpt, inference_params_target(shape, abstract_params(config), mesh))
+    target = inference_params_target(shape, abstract_params(config), mesh)
+    params = load_pretrained_params(ckpt, config, target)
     return Generator(
         shape, params, seq=config.seq, tokenizer=tokenizer, mesh=mesh, tokenizer_path=path, **options
     )

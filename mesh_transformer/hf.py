@@ -675,7 +675,7 @@ def load_pretrained_params(path: str, config: Config, target: Any = None) -> dic
     """
     from mesh_transformer import lora, original
 
-    if lora.is_peft_folder(path) or lora.lora_info(path) is not None:
+    if lora.is_fine_tune(path):
         import jax
 
         merged = lora.load_merged(path, config)
@@ -699,8 +699,8 @@ def load_pretrained_params(path: str, config: Config, target: Any = None) -> dic
         params = load_params(path, target)
     except CheckpointError as e:
         raise InteropError(
-            f"{e} (--tune-model-path takes one of our checkpoints, a Hugging Face folder or an "
-            "original Mesh-Transformer-JAX checkpoint)"
+            f"{e} (params are read from one of our checkpoints, a LoRA fine-tune, a Hugging Face folder or "
+            "an original Mesh-Transformer-JAX checkpoint)"
         ) from None
     if host:
         import jax

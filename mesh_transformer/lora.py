@@ -195,6 +195,11 @@ def is_peft_folder(path: str) -> bool:
     return storage.path_exists(storage.join(path, PEFT_CONFIG))
 
 
+def is_fine_tune(path: str) -> bool:
+    """Whether `path` is a LoRA fine-tune: one of our LoRA checkpoints or a PEFT folder."""
+    return is_peft_folder(path) or lora_info(path) is not None
+
+
 def lora_info(path: str) -> dict | None:
     """The LoRA identity a checkpoint's extra holds ({"base", "base_sha256", "spec"}), or None when `path`
     is not a LoRA checkpoint (a full or slim checkpoint of ours, a Hugging Face folder, ...)."""
