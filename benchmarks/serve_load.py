@@ -12,7 +12,9 @@ output lengths, and three servers of the same weights answer them in turn:
 A 4-layer GPT-J (d_model 512, vocab 8192, float32) generates greedily with no EOS, so every request runs to
 its max_tokens. Each system prints throughput (generated tokens per second from the first arrival to the last
 answer), requests per second, and the p50/p99 time to first token and total latency; each figure is the median
-over `--reps` runs, the systems taking turns in an order that alternates, with the range in brackets.
+over `--reps` runs, the systems taking turns in an order that alternates, with the range in brackets. Below
+each rate's table: the ceiling no server can pass on that traffic (its tokens over the span of its
+arrivals), and each system's share of it: a system at a load it keeps up with is near its ceiling.
 
     python benchmarks/serve_load.py [--rates 2,6,12] [--requests 48] [--reps 2] [--threads N]
 """
@@ -259,14 +261,21 @@ def main() -> None:
                 clock = Clock(len(requests))
                 systems[name](requests, clock)
                 results[name].append(figures(requests, clock))
-        report(rate, results, columns)
+        report(rate, results, columns, ceiling(requests))
         assert systems["continuous"].compiles() == compiles, "the warmed-up engine compiled during the runs"
     systems["transformers"].stop()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS of this process {peak:.1f} GiB; load average {os.getloadavg()[0]:.1f} at the end")
 
 
-def report(rate: float, results: dict[str, list[dict]], columns: list[str]) -> None:
+def ceiling(requests) -> float:
+    """The throughput no server can pass on these requests: their tokens over the time their arrivals span
+    (the throughput's span runs from the first arrival to the last answer)."""
+    arrivals = [at for at, _, _ in requests]
+    return sum(n for _, _, n in requests) / (max(arrivals) - min(arrivals))
+
+
+def report(rate: float, results: dict[str, list[dict]], columns: list[str], most: float) -> None:
     median = lambda name, column: float(np.median([r[column] for r in results[name]]))  # noqa: E731
     for name, runs in results.items():
         cells = []
@@ -280,8 +289,9 @@ def report(rate: float, results: dict[str, list[dict]], columns: list[str]) -> N
     print(
         f"{'':>6} continuous: {throughput['static']:.2f}x the static batcher's throughput with a {ttft:.1f}x "
         f"lower p99 TTFT; {throughput['transformers']:.2f}x transformers' throughput",
-        flush=True,
     )
+    shares = ", ".join(f"{name} {median(name, 'tok/s') / most:.0%}" for name in results)
+    print(f"{'':>6} ceiling (tokens over the arrivals' span) {most:,.0f} tok/s: {shares} of it", flush=True)
 
 
 if __name__ == "__main__":
