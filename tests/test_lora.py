@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import TINY_MODEL, serve_one_greedy_request
+from test_evaluation import write_tasks
 from test_model import random_hf_model
 
 from mesh_transformer import data, lora
@@ -419,3 +420,18 @@ def test_lora_run_resumes_exports_and_samples_through_the_command_line(lora_run)
             torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0
         )[0, len(prompt_ids) :].tolist()
     assert served == tokenizer.decode(greedy)
+
+    # eval_harness.py scores the LoRA run (its model_dir: the newest checkpoint, adapters merged) as it scores
+    # the run's merged export (the transformers folder checked above): a local multiple-choice task and a
+    # perplexity task of lm-evaluation-harness, whose word perplexity moves with any change of the weights.
+    write_tasks(root / "tasks")
+    tasks = ["--include-path", str(root / "tasks"), "--tasks", "tiny_choice,tiny_perplexity"]
+    results = {}
+    for name, ckpt in (("lora", run_a), ("merged", root / "merged")):
+        output = root / f"eval_{name}.json"
+        evaluate = ["--config", config_file, "--ckpt", str(ckpt), "--tokenizer", dataset, *tasks]
+        cli("scripts/eval_harness.py", *evaluate, "--output", str(output))
+        results[name] = json.loads(output.read_text())["results"]
+    assert results["lora"]["tiny_choice"] == results["merged"]["tiny_choice"]
+    perplexity = [results[name]["tiny_perplexity"]["word_perplexity,none"] for name in ("lora", "merged")]
+    assert perplexity[0] == pytest.approx(perplexity[1], rel=1e-6)
