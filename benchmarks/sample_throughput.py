@@ -96,8 +96,9 @@ def weights_only(generator: Generator, batch: int):
             x_BD = x_BD + 1e-3 * (attn_BD + jnp.tanh(x_BD @ fc_in) @ fc_out)
         return x_BD + 1e-3 * (x_BD @ head)[:, : x_BD.shape[1]]
 
-    run = jax.jit(lambda x_BD: jax.lax.fori_loop(0, NEW, step, x_BD))
     x_BD = jnp.full((batch, shape.d_model), 0.01, jnp.float32)
+    loop = jax.jit(lambda x_BD: jax.lax.fori_loop(0, NEW, step, x_BD))
+    run = loop.lower(x_BD).compile(generator.compiler_options)  # the dot kernels the engine's programs use
     return lambda: run(x_BD).block_until_ready()
 
 
