@@ -58,7 +58,7 @@ PREFILL_TOKENS = 2048  # padded prompt tokens prefilled per admission at most (u
 _SETTINGS_DTYPES = (np.float32, np.int32, np.float32, np.int32, np.bool_, np.bool_)
 # XLA CPU hands every dot to YNNPACK by default, which suits training's dots of thousands of rows; a decode
 # step's dots have 1-16 rows, and XLA's own kernels ran them 1.2-1.4x faster (4-layer d_model 512 model,
-# 4-16 rows; 1.3x the engine's throughput under saturating load), and prefill no slower. Engine programs
+# 4-16 rows; 1.4-1.6x the engine's throughput under saturating load), and prefill no slower. Engine programs
 # on CPU are compiled with these options (no other platform has the switch).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # Every engine's compiled programs, by what they were compiled for (see `Engine._program`).
@@ -720,7 +720,7 @@ class Generator:
             device = jax.config.jax_default_device or jax.devices()[0]
             mesh = sharding.make_mesh(1, 1, [jax.devices(device)[0] if isinstance(device, str) else device])
         self.mesh = mesh
-        self.compiler_options = CPU_COMPILER_OPTIONS if mesh.devices.flat[0].platform == "cpu" else {}
+        self.compiler_options = CPU_COMPILER_OPTIONS if sharding.on_cpu(mesh) else {}
         self.max_batch, self.chunk_tokens = max_batch, chunk_tokens
         dp = self.mesh.shape[sharding.DP]
         sizes = batch_sizes or [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch] + [

@@ -47,6 +47,12 @@ def mesh_for(config: Config, devices: Sequence[jax.Device] | None = None) -> Mes
     return make_mesh(config.dp, config.mp, devices)
 
 
+def on_cpu(mesh: Mesh) -> bool:
+    """Whether the mesh's devices are CPUs, whose programs get CPU-only kernel and layout choices (the train
+    step's weight-gradient layout, LoRA's layout pin, the engine's dot kernels)."""
+    return mesh.devices.flat[0].platform == "cpu"
+
+
 def logical_rules(config: Config | None = None, *, for_optimizer: bool = False) -> dict[str, str | None]:
     """Mesh axis of every logical axis; the ZeRO switches also split the embed dim over `dp`."""
     rules = dict(TENSOR_PARALLEL_RULES)

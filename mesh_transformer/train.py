@@ -73,8 +73,7 @@ class Trainer:
 
     def __init__(self, config: Config, mesh: Mesh):
         self.config, self.mesh = config, mesh
-        # CPU programs get CPU-only layout choices (layers.weight_gradients_transposed_first; lora.py)
-        self.on_cpu = mesh.devices.flat[0].platform == "cpu"
+        self.on_cpu = sharding.on_cpu(mesh)  # layers.weight_gradients_transposed_first; lora.py's layout pin
         self.model = self._transformed()
         self.optimizer = make_optimizer(config)
         self.schedule = schedule_for(config)
