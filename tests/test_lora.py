@@ -19,6 +19,8 @@ import pytest
 import torch
 from helpers import TINY_MODEL, serve_one_greedy_request
 from test_evaluation import write_tasks
+from test_family import HF_VOCAB, hf_logits, our_config
+from test_family import random_hf_model as random_family_model
 from test_model import random_hf_model
 
 from mesh_transformer import data, lora
@@ -56,11 +58,6 @@ CONFIG = dict(
     lora_alpha=8.0,
     lora_targets=GPTJ_TARGETS,
 )
-
-
-def hf_logits(hf, tokens_BT) -> np.ndarray:
-    with torch.no_grad():
-        return hf(torch.from_numpy(np.asarray(tokens_BT)).long()).logits.float().numpy()
 
 
 def lora_logits(config, base, adapters, tokens_BT) -> np.ndarray:
@@ -185,58 +182,13 @@ def test_lora_trains_adapters_only_on_any_mesh_from_every_kind_of_base(tmp_path)
     )
 
 
-def random_hf(architecture: str):
-    """A random transformers model of the architecture (vocab 96, every tensor random): GPT-NeoX with the
-    parallel residual and fused query_key_value, GPT-Neo with local and global layers and a tied head."""
-    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoXConfig
-
-    torch.manual_seed(0)
-    if architecture == "gpt_neox":
-        cfg = GPTNeoXConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=256,
-            max_position_embeddings=64,
-            rotary_pct=0.25,
-            hidden_act="gelu",
-            use_parallel_residual=True,
-            tie_word_embeddings=False,
-        )
-    else:
-        cfg = GPTNeoConfig(
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            window_size=5,
-            max_position_embeddings=32,
-            attention_types=[[["local", "global"], 1]],
-        )
-    cfg.vocab_size = 96
-    for key in ("attention_dropout", "hidden_dropout", "resid_dropout", "embed_dropout"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, 0.0)
-    hf = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            norm = name.endswith(("layernorm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if norm else 0.0))
-    return hf
-
-
-# our config keys, every LoRA target of each architecture, and the (dp, mp) mesh it trains on (GPT-J's run is
-# the command-line test below; one device for GPT-Neo, whose compile on a mesh would double its test's time)
+# test_family's model of each architecture (GPT-NeoX's parallel residual and fused query_key_value,
+# GPT-Neo's local and global layers and tied head), every LoRA target, and the (dp, mp) mesh it trains on
+# (GPT-J's run is the command-line test below; one device for GPT-Neo, whose compile on a mesh would double
+# its test's time)
 ARCHITECTURES = {
-    "gpt_neox": (
-        dict(architecture="gpt_neox"),
-        ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-        (2, 2),
-    ),
-    "gpt_neo": (
-        dict(architecture="gpt_neo", window_size=5, n_positions=32, attention_layers=["local", "global"]),
-        ["q", "k", "v", "out", "c_fc", "c_proj"],
-        (1, 1),
-    ),
+    "gpt_neox": ("neox_parallel", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], (2, 2)),
+    "gpt_neo": ("neo_local_global_tied", ["q", "k", "v", "out", "c_fc", "c_proj"], (1, 1)),
 }
 
 
@@ -248,22 +200,22 @@ def test_lora_of_every_architecture_exports_to_transformers_and_peft_and_reads_b
     import peft
     from transformers import AutoModelForCausalLM
 
-    base_hf = random_hf(architecture)
+    case, targets, (dp, mp) = ARCHITECTURES[architecture]
+    base_hf = random_family_model(case)
     base_hf.save_pretrained(tmp_path / "base")
-    keys, targets, (dp, mp) = ARCHITECTURES[architecture]
-    values = {k: v for k, v in CONFIG.items() if k != "pe_rotary_dims"}
+    lora_keys = {k: v for k, v in CONFIG.items() if k in ("lora_rank", "lora_alpha")}
     mesh = dict(tpu_size=dp * mp, cores_per_replica=mp, per_replica_batch=2 // dp)
-    config = from_dict(dict(values, **keys, **mesh, n_vocab=96, lora_targets=targets))
+    config = our_config(case, **lora_keys, **mesh, seq=16, n_vocab=HF_VOCAB, lr=2e-2, lora_targets=targets)
     trainer = make_trainer(config, make_mesh(dp, mp, jax.devices()[: dp * mp]))
     state = trainer.tuned_state(str(tmp_path / "base"))
     rng = np.random.default_rng(0)
     for _ in range(2):
-        state, _ = trainer.step(state, trainer.global_batch(rng.integers(0, 96, (1, 2, 17))))
+        state, _ = trainer.step(state, trainer.global_batch(rng.integers(0, HF_VOCAB, (1, 2, 17))))
     manager = CheckpointManager(str(tmp_path / "run"))
     manager.save(2, trainer.saved(state), trainer.checkpoint_extra())
     manager.wait()
     adapters, base = lora.split(jax.device_get(state.params))
-    tokens_BT = rng.integers(0, 96, (2, 16))
+    tokens_BT = rng.integers(0, HF_VOCAB, (2, 16))
     ours = lora_logits(config, base, adapters, tokens_BT)
     assert np.abs(ours - hf_logits(base_hf, tokens_BT)).max() > 1e-3  # the adapters matter
 
